@@ -1,0 +1,259 @@
+"""Options of a gaia build: the builder config and the fetch and image settings it derives.
+
+Every option can be passed to ``load_dataset("gaia", ...)`` as a keyword argument and to the
+CLI as a flag of the same name (underscores become dashes). :meth:`GaiaConfig.validate` checks
+them all and raises :class:`~gaia_builder.errors.ConfigError` naming the option, the value and
+the accepted range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import datasets
+
+from . import __version__
+from .errors import ConfigError
+
+PROJECT_URL = "https://pypi.org/project/gaia-builder/"
+DEFAULT_USER_AGENT = f"gaia-builder/{__version__} (+{PROJECT_URL})"
+
+HUB_REPO_ID = "azavras/GAIA"
+SPLIT_NAMES = ("train", "validation", "test")
+
+# Config names and what each does with images.
+CONFIG_IMAGE_MODES = {
+    "default": "resized",  # decoded, resized and re-encoded as the GAIA authors did
+    "original": "original",  # the publisher's bytes, untouched
+    "metadata": None,  # no image is fetched
+}
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+ENCODE_FORMATS = ("png", "jpeg", "webp")
+
+# PNG is lossless, so its zlib level changes only speed and size. Level 9 (the GAIA recipe's
+# encode_quality) costs several times the CPU of level 1 for files about 10 % smaller.
+# NOTE: the default level is re-measured by benchmarks/compare_img2dataset.py.
+DEFAULT_PNG_COMPRESS_LEVEL = 1
+DEFAULT_JPEG_QUALITY = 95
+DEFAULT_WEBP_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How fetched bytes become the stored image."""
+
+    mode: str = "resized"  # "resized" or "original"
+    image_size: int = 512
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "png"
+    encode_quality: int = DEFAULT_PNG_COMPRESS_LEVEL
+    max_pixels: int = 250_000_000
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Politeness, retry and deadline settings of the image fetcher.
+
+    Every count is per run: the limits are shared by all splits and all worker processes of
+    the machine through files under ``state_dir``.
+    """
+
+    max_in_flight: int = 16
+    max_connections_per_host: int = 4
+    max_requests_per_second_per_host: float = 4.0
+    rate_burst: int = 4
+    max_retries: int = 5
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_retry_after: float = 300.0
+    connect_timeout: float = 20.0
+    read_timeout: float = 60.0
+    attempt_timeout: float = 300.0
+    max_redirects: int = 10
+    max_bytes: int = 256 * 1024 * 1024
+    user_agent: str = DEFAULT_USER_AGENT
+    disallowed_header_directives: tuple[str, ...] = ()
+    state_dir: str | None = None
+
+    @property
+    def row_deadline(self) -> float:
+        """The longest time one URL can hold its row, in seconds, from its first request.
+
+        Each attempt is capped by attempt_timeout and each wait between attempts by the larger
+        of backoff_max and max_retry_after. Waiting for a free connection slot before the first
+        request is not counted: that is queueing behind other rows, not this row's fault.
+        """
+        waits = self.max_retries * max(self.backoff_max, self.max_retry_after)
+        return (self.max_retries + 1) * self.attempt_timeout + waits
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class GaiaConfig(datasets.BuilderConfig):
+    """BuilderConfig of the GAIA builder; see the README for every option."""
+
+    # Where the metadata comes from.
+    repo_id: str = HUB_REPO_ID
+    revision: str | None = None
+    splits: tuple[str, ...] = SPLIT_NAMES
+
+    # Images.
+    image_size: int = 512
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "png"
+    encode_quality: int | None = None
+    max_pixels: int = 250_000_000
+
+    # Fetching.
+    max_in_flight: int = 16
+    max_connections_per_host: int = 4
+    max_requests_per_second_per_host: float = 4.0
+    rate_burst: int = 4
+    max_retries: int = 5
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_retry_after: float = 300.0
+    connect_timeout: float = 20.0
+    read_timeout: float = 60.0
+    attempt_timeout: float = 300.0
+    max_redirects: int = 10
+    max_bytes: int = 256 * 1024 * 1024
+    user_agent: str = DEFAULT_USER_AGENT
+    disallowed_header_directives: tuple[str, ...] = ()
+
+    # Caches and sharding.
+    fetch_cache_dir: str | None = None
+    use_fetch_cache: bool = True
+    num_shards: int | None = None
+    prefetch: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
+    @property
+    def image_mode(self) -> str | None:
+        """"resized", "original" or None (metadata only), from the config name."""
+        return CONFIG_IMAGE_MODES.get(self.name, "resized")
+
+    def validate(self) -> None:
+        """Check every option; raise ConfigError naming the first invalid one and the fix."""
+        self.splits = _as_str_tuple("splits", self.splits)
+        self.disallowed_header_directives = _as_str_tuple(
+            "disallowed_header_directives", self.disallowed_header_directives
+        )
+
+        if self.name not in CONFIG_IMAGE_MODES:
+            raise ConfigError(
+                f"invalid config name {self.name!r}: expected one of {sorted(CONFIG_IMAGE_MODES)}"
+            )
+        for split in self.splits:
+            if split not in SPLIT_NAMES:
+                raise ConfigError(f"invalid value for splits: {split!r} is not one of {list(SPLIT_NAMES)}")
+        if not self.splits:
+            raise ConfigError(f"invalid value for splits: it is empty; name one or more of {list(SPLIT_NAMES)}")
+        if not isinstance(self.repo_id, str) or self.repo_id.count("/") != 1:
+            raise ConfigError(f"invalid value for repo_id: {self.repo_id!r}; expected 'owner/name'")
+
+        _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
+        _check_choice("encode_format", self.encode_format, ENCODE_FORMATS)
+        _check_int("image_size", self.image_size, 1, 65_535)
+        _check_int("max_pixels", self.max_pixels, 1, None)
+        if self.encode_quality is not None:
+            low, high = (0, 9) if self.encode_format == "png" else (1, 100)
+            _check_int("encode_quality", self.encode_quality, low, high, f"for {self.encode_format}")
+
+        _check_int("max_in_flight", self.max_in_flight, 1, 1024)
+        _check_int("max_connections_per_host", self.max_connections_per_host, 1, 256)
+        _check_int("rate_burst", self.rate_burst, 1, 10_000)
+        _check_int("max_retries", self.max_retries, 0, 100)
+        _check_int("max_redirects", self.max_redirects, 0, 100)
+        _check_int("max_bytes", self.max_bytes, 1, None)
+        _check_int("prefetch", self.prefetch, 1, 100_000)
+        if self.num_shards is not None:
+            _check_int("num_shards", self.num_shards, 1, 100_000)
+        _check_positive("max_requests_per_second_per_host", self.max_requests_per_second_per_host)
+        for name in ("connect_timeout", "read_timeout", "attempt_timeout", "backoff_max", "max_retry_after"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("backoff_initial", self.backoff_initial, allow_zero=True)
+        if not isinstance(self.user_agent, str) or not self.user_agent.strip():
+            raise ConfigError(f"invalid value for user_agent: {self.user_agent!r}; expected a non-empty string")
+        for flag in ("resize_only_if_bigger", "use_fetch_cache"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"invalid value for {flag}: {getattr(self, flag)!r}; expected True or False")
+
+    def image_options(self) -> ImageOptions:
+        """The image settings of this config (meaningless for the metadata config)."""
+        quality = self.encode_quality
+        if quality is None:
+            quality = {
+                "png": DEFAULT_PNG_COMPRESS_LEVEL,
+                "jpeg": DEFAULT_JPEG_QUALITY,
+                "webp": DEFAULT_WEBP_QUALITY,
+            }[self.encode_format]
+        return ImageOptions(
+            mode=self.image_mode or "resized",
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            encode_format=self.encode_format,
+            encode_quality=quality,
+            max_pixels=self.max_pixels,
+        )
+
+    def fetch_options(self, state_dir: str | None = None) -> FetchOptions:
+        """The fetch settings of this config; ``state_dir`` holds the shared host limits."""
+        names = _field_names(FetchOptions) - {"state_dir"}
+        values = {name: getattr(self, name) for name in names}
+        return FetchOptions(state_dir=state_dir, **values)
+
+
+OPTION_NAMES = frozenset(_field_names(GaiaConfig) - _field_names(datasets.BuilderConfig))
+
+
+def _as_str_tuple(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, Sequence) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ConfigError(f"invalid value for {name}: {value!r}; expected a list of strings")
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid value for {name}: {value!r}; expected one of {list(choices)}")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None, context: str = "") -> None:
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    where = f" {context}" if context else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"invalid value for {name}{where}: {value!r}; expected a whole number {bounds}")
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"invalid value for {name}{where}: {value}; expected a whole number {bounds}")
+
+
+def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        expected = "a finite number of at least 0" if allow_zero else "a finite number greater than 0"
+        raise ConfigError(f"invalid value for {name}: {value!r}; expected {expected}")
+
+
+def suggest_option(name: str, known: Mapping[str, object] | set[str] | frozenset[str] = OPTION_NAMES) -> str:
+    """Return a "did you mean" hint for an unknown option name, or an empty string."""
+    import difflib
+
+    matches = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
