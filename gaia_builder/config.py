@@ -142,7 +142,7 @@ class GaiaConfig(datasets.BuilderConfig):
 
     @property
     def image_mode(self) -> str | None:
-        """"resized", "original" or None (metadata only), from the config name."""
+        """ "resized", "original" or None (metadata only), from the config name."""
         return CONFIG_IMAGE_MODES.get(self.name, "resized")
 
     def validate(self) -> None:
@@ -160,7 +160,9 @@ class GaiaConfig(datasets.BuilderConfig):
             if split not in SPLIT_NAMES:
                 raise ConfigError(f"invalid value for splits: {split!r} is not one of {list(SPLIT_NAMES)}")
         if not self.splits:
-            raise ConfigError(f"invalid value for splits: it is empty; name one or more of {list(SPLIT_NAMES)}")
+            raise ConfigError(
+                f"invalid value for splits: it is empty; name one or more of {list(SPLIT_NAMES)}"
+            )
         if not isinstance(self.repo_id, str) or self.repo_id.count("/") != 1:
             raise ConfigError(f"invalid value for repo_id: {self.repo_id!r}; expected 'owner/name'")
 
@@ -186,10 +188,14 @@ class GaiaConfig(datasets.BuilderConfig):
             _check_positive(name, getattr(self, name))
         _check_positive("backoff_initial", self.backoff_initial, allow_zero=True)
         if not isinstance(self.user_agent, str) or not self.user_agent.strip():
-            raise ConfigError(f"invalid value for user_agent: {self.user_agent!r}; expected a non-empty string")
+            raise ConfigError(
+                f"invalid value for user_agent: {self.user_agent!r}; expected a non-empty string"
+            )
         for flag in ("resize_only_if_bigger", "use_fetch_cache"):
             if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"invalid value for {flag}: {getattr(self, flag)!r}; expected True or False")
+                raise ConfigError(
+                    f"invalid value for {flag}: {getattr(self, flag)!r}; expected True or False"
+                )
 
     def image_options(self) -> ImageOptions:
         """The image settings of this config (meaningless for the metadata config)."""
@@ -238,7 +244,8 @@ def _check_int(name: str, value: object, low: int, high: int | None, context: st
     where = f" {context}" if context else ""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"invalid value for {name}{where}: {value!r}; expected a whole number {bounds}")
-    if value < low or (high is not None and value > high):
+    number: int = value
+    if number < low or (high is not None and number > high):
         raise ConfigError(f"invalid value for {name}{where}: {value}; expected a whole number {bounds}")
 
 

@@ -3,37 +3,41 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from loopback_guard import install
 
 install()
 
 TESTS_DIR = Path(__file__).parent
 GUARD_DIR = TESTS_DIR / "guard"
+REPO_ROOT = TESTS_DIR.parent
 SHARED_IMAGES = TESTS_DIR.parent.parent / "shared" / "data" / "images"
 
 
 @pytest.fixture(autouse=True)
-def isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Point every Hugging Face cache at a fresh folder and keep the real Hub unreachable."""
+def isolated_caches(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point every Hugging Face cache at a fresh folder for each test."""
     root = tmp_path_factory.mktemp("hf-home")
     monkeypatch.setenv("HF_HOME", str(root))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hub"))
     monkeypatch.setenv("HF_UPDATE_DOWNLOAD_COUNTS", "0")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    # Subprocesses started by a test inherit the guard through sitecustomize.
+    # Subprocesses started by a test inherit the guard through sitecustomize, and import gaia
+    # from this checkout: an editable install's import hook comes after a folder named "gaia"
+    # in the working directory, which a test creates on purpose.
     pythonpath = os.environ.get("PYTHONPATH", "")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(GUARD_DIR), pythonpath) if p))
+    entries = (str(GUARD_DIR), str(REPO_ROOT), pythonpath)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(entry for entry in entries if entry))
 
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets")
-    yield root
+    return root
 
 
 @pytest.fixture

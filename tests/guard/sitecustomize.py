@@ -5,6 +5,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import loopback_guard  # noqa: E402
+import loopback_guard
 
 loopback_guard.install()

@@ -1,0 +1,527 @@
+"""Decoding, resizing and encoding of fetched images, as img2dataset 1.47 did for the GAIA paper.
+
+The GAIA authors built their images with img2dataset: ``resize_mode="keep_ratio"``,
+``image_size=512`` and PNG at zlib level 9. :func:`process_image` reproduces its output sizes
+exactly and its pixels closely (see ``benchmarks/fidelity.py``), with Pillow in place of OpenCV:
+
+- Sizes follow img2dataset 1.47 with albumentations 1.4: the shorter side (``keep_ratio``,
+  ``center_crop``) or the longer side (``keep_ratio_largest``, ``border``) is scaled to
+  ``image_size`` and every side becomes ``max(1, round(side * scale))``, where ``round`` is
+  Python's round-half-to-even. ``center_crop`` then keeps the middle square, offset
+  ``(side - image_size) // 2``. ``border`` pads to a square with white, with
+  ``(image_size - side) // 2`` pixels before the image and the rest after it.
+- Images with an alpha channel (RGBA, LA, P with transparency) are composited on white and become
+  RGB. Grayscale stays single-channel. Other colour modes become RGB.
+
+gaia deliberately differs from img2dataset in four ways. It applies EXIF orientation. It scales
+16-bit samples to 8 bits by their range, where img2dataset kept 16-bit grayscale as is. It
+rejects float samples. It decodes large JPEGs at a reduced DCT scale (see DRAFT_MARGIN).
+
+Decoding is strict: a truncated or corrupt file raises ImageError("decode_error"). Pillow
+releases the GIL while it decodes, resizes and encodes, so process_image can run in a thread
+pool. It shares no mutable state and changes no Pillow global.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import logging
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import ExifTags, Image, ImageFile, ImageOps
+
+from .config import ENCODE_FORMATS, RESIZE_MODES, ImageOptions
+from .errors import ConfigError, ImageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DRAFT_MARGIN", "ProcessedImage", "process_image"]
+
+# The raster formats gaia decodes. Pillow can open more, but formats without a signature (TGA)
+# or made of text (XBM, XPM) could misread an error page as an image.
+DECODED_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "WEBP", "BMP", "JPEG2000", "AVIF")
+
+# Lowercase names for ProcessedImage.format; MPO is a JPEG with extra frames.
+_FORMAT_NAMES = {"MPO": "jpeg"}
+
+# A JPEG that shrinks is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps at least
+# DRAFT_MARGIN times the output size. Measured against img2dataset's full decode and INTER_AREA
+# (benchmarks/fidelity.py, synthetic photos 1100-5400 px): margin 1 gives 41-48 dB PSNR and margin 2
+# gives 48-51 dB. A 21600x10800 mosaic still decodes at 1/8 scale.
+DRAFT_MARGIN = 2
+
+WHITE = (255, 255, 255)
+
+# Pillow filters closest to OpenCV's INTER_AREA (img2dataset's filter for shrinking), by shrink
+# factor (source pixels per output pixel), as (upper limit, filter). Pillow's BOX weights whole
+# pixels by whether their centre is covered, not by covered area as INTER_AREA does, so BOX is
+# 31 dB away at a factor of 1.02 and closest only from 5 on. Measured PSNR against
+# cv2.resize(INTER_AREA), opencv-python-headless 4.14 and Pillow 13, on noisy synthetic photos:
+# BILINEAR 43-55 dB, BICUBIC 43-46 dB, HAMMING 44-50 dB, BOX 47-55 dB, each in its range.
+_SHRINK_FILTERS: tuple[tuple[float, Image.Resampling], ...] = (
+    (1.35, Image.Resampling.BILINEAR),
+    (1.7, Image.Resampling.BICUBIC),
+    (5.0, Image.Resampling.HAMMING),
+    (math.inf, Image.Resampling.BOX),
+)
+# img2dataset enlarges with OpenCV's INTER_LANCZOS4 (8x8 taps). Pillow's LANCZOS (6x6 taps) is
+# the closest Pillow filter: 47-48 dB PSNR on the same images.
+_ENLARGE_FILTER = Image.Resampling.LANCZOS
+
+# EXIF orientations that swap width and height (transpose, 90 and 270 degree rotations).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+# Modes whose alpha channel is composited on white.
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+# Exceptions that Pillow's plugins raise on malformed data, besides OSError for truncated files.
+_DECODE_EXCEPTIONS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+# The exceptions with which Pillow's plugin constructors say "not my format" (as in Image.open).
+_NOT_THIS_FORMAT: tuple[type[Exception], ...] = (SyntaxError, IndexError, TypeError, struct.error)
+
+# Plugins are registered once, here, so that concurrent calls only read Image.OPEN.
+Image.init()
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """The image to store for one row, with its size before and after processing."""
+
+    data: bytes
+    format: str  # lowercase format of data: "png", "jpeg", "webp", or the original's in mode "original"
+    width: int
+    height: int
+    original_width: int  # of the source as published, after EXIF orientation
+    original_height: int
+
+
+def process_image(data: bytes, options: ImageOptions, *, source: str = "") -> ProcessedImage:
+    """Decode ``data`` and return the image to store, resized and encoded as ``options`` say.
+
+    In mode "resized", the first frame is decoded, turned upright by its EXIF orientation,
+    converted to 8-bit RGB or grayscale, resized and encoded. In mode "original", ``data`` is
+    returned untouched. It is still decoded in full (JPEG at 1/8 scale, which still reads every
+    byte) so that a truncated or corrupt file becomes a row error here, not an exception in the
+    user's training loop.
+
+    ``max_pixels`` caps the pixels decoded, which bounds memory: for a JPEG that cap applies after
+    the DCT-scale reduction.
+
+    Raises:
+        ImageError: with class not_an_image, unsupported_format, decode_error or
+            too_many_pixels. The detail names ``source``, normally the image URL.
+        ConfigError: an option has a value that ImageOptions does not allow.
+    """
+    _check_options(options)
+    image = _open(data, source)
+    format_name = _FORMAT_NAMES.get(image.format or "", (image.format or "").lower())
+
+    if options.mode == "original":
+        width, height = _verify(image, options, source)
+        return ProcessedImage(data, format_name, width, height, width, height)
+
+    decoded, original_size = _decode(image, options, source)
+    pixels = _to_8bit(decoded, source)
+    result = _resize(pixels, original_size, options)
+    return ProcessedImage(
+        data=_encode(result, options),
+        format=options.encode_format,
+        width=result.width,
+        height=result.height,
+        original_width=original_size[0],
+        original_height=original_size[1],
+    )
+
+
+def _check_options(options: ImageOptions) -> None:
+    choices = {
+        "mode": ("resized", "original"),
+        "resize_mode": RESIZE_MODES,
+        "encode_format": ENCODE_FORMATS,
+    }
+    for name, allowed in choices.items():
+        value = getattr(options, name)
+        if value not in allowed:
+            raise ConfigError(f"invalid value for {name}: {value!r}; expected one of {list(allowed)}")
+
+    low, high = (0, 9) if options.encode_format == "png" else (1, 100)
+    if not low <= options.encode_quality <= high:
+        raise ConfigError(
+            f"invalid value for encode_quality for {options.encode_format}: {options.encode_quality}; "
+            f"expected a whole number from {low} to {high}"
+        )
+    for name in ("image_size", "max_pixels"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"invalid value for {name}: {getattr(options, name)}; expected at least 1")
+
+
+def _error(error_class: str, message: str, source: str) -> ImageError:
+    return ImageError(error_class, f"{message} ({source})" if source else message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+
+
+def _open(data: bytes, source: str) -> ImageFile.ImageFile:
+    """Identify ``data`` and open it lazily, reading only the header.
+
+    This repeats what Image.open does for the formats in DECODED_FORMATS, minus one step:
+    Image.open compares the size with the process-wide Image.MAX_IMAGE_PIXELS and raises
+    DecompressionBombError above twice that (179 Mpx by default, less than one 21600x10800
+    mosaic). Changing that global for one call would race with other threads, so gaia applies
+    options.max_pixels instead, to the size actually decoded.
+    """
+    prefix = data[:16]
+    for format_id in DECODED_FORMATS:
+        if format_id not in Image.OPEN:
+            continue  # this Pillow build lacks the plugin (AVIF before Pillow 11.2)
+        factory, accept = Image.OPEN[format_id]
+        accepted = accept(prefix) if accept is not None else True
+        if isinstance(accepted, str) or not accepted:
+            continue  # a string says why the plugin cannot open it (a missing codec)
+        try:
+            return factory(io.BytesIO(data), "")
+        except _NOT_THIS_FORMAT:
+            continue
+        except _DECODE_EXCEPTIONS as err:
+            raise _error("decode_error", f"invalid {format_id} header: {err}", source) from err
+
+    error_class, description = _classify_unidentified(data)
+    if error_class == "not_an_image":
+        raise _error(error_class, f"the body is {description}, not an image", source)
+    decoded = ", ".join(DECODED_FORMATS)
+    raise _error(error_class, f"unsupported image format: {description}; gaia decodes {decoded}", source)
+
+
+# Signatures of image formats that gaia does not decode, or that failed to open above, used only
+# to name them in the error. Hand-written because a dozen signatures do not justify a dependency.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", "a JPEG file that Pillow cannot read"),
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG file that Pillow cannot read"),
+    (0, b"GIF8", "a GIF file that Pillow cannot read"),
+    (0, b"II*\x00", "a TIFF file that Pillow cannot read (for example 16-bit RGBA)"),
+    (0, b"MM\x00*", "a TIFF file that Pillow cannot read (for example 16-bit RGBA)"),
+    (0, b"II+\x00", "a BigTIFF file"),
+    (0, b"MM\x00+", "a BigTIFF file"),
+    (0, b"\xff\x0a", "a JPEG XL file"),
+    (4, b"JXL ", "a JPEG XL file"),
+    (0, b"8BPS", "a Photoshop file"),
+    (0, b"\x00\x00\x01\x00", "an ICO file"),
+    (0, b"BM", "a BMP file that Pillow cannot read"),
+)
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+
+
+def _classify_unidentified(data: bytes) -> tuple[str, str]:
+    """Return the row error class and a description of bytes that no decoder accepted."""
+    if not data:
+        return "not_an_image", "empty"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in _HEIF_BRANDS:
+            return "unsupported_format", f"a HEIF/HEIC image (brand {brand.decode('latin-1')!r})"
+        return "unsupported_format", f"an ISO media file (brand {brand.decode('latin-1')!r})"
+    for offset, signature, description in _SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            return "unsupported_format", description
+
+    text = _as_text(data[:2048])
+    if text is None:
+        return "unsupported_format", f"an unknown binary format (first bytes {data[:8].hex()})"
+    lowered = text.lower()
+    if "<svg" in lowered:
+        return "unsupported_format", "an SVG image (vector graphics are not rasterised)"
+    if data.startswith(b"%PDF"):
+        return "not_an_image", "a PDF document"
+    if "<html" in lowered or "<!doctype html" in lowered:
+        return "not_an_image", "an HTML page"
+    return "not_an_image", f"text starting with {text[:40]!r}"
+
+
+def _as_text(prefix: bytes) -> str | None:
+    """Decode ``prefix`` as UTF-8 text, or return None if it has binary content."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    try:
+        text = decoder.decode(prefix, final=False)  # the prefix may end inside a character
+    except UnicodeDecodeError:
+        return None
+    if any(ord(char) < 32 and char not in "\t\n\r\f" for char in text):
+        return None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _verify(image: ImageFile.ImageFile, options: ImageOptions, source: str) -> tuple[int, int]:
+    """Decode ``image`` as cheaply as possible and return its size after EXIF orientation."""
+    stored_size = image.size
+    if image.format in ("JPEG", "MPO"):
+        image.draft(None, (1, 1))  # the smallest DCT scale still decodes every entropy-coded byte
+    _check_pixels(image, options, source)
+    _load(image, source)
+    return _oriented(stored_size, _orientation(image))
+
+
+def _decode(
+    image: ImageFile.ImageFile, options: ImageOptions, source: str
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode the first frame, upright, and return it with the original size after orientation."""
+    stored_size = image.size
+    if image.format in ("JPEG", "MPO"):
+        # JPEG keeps EXIF in its header, so reading the orientation here decodes no pixel.
+        _draft(image, _orientation(image), options)
+    _check_pixels(image, options, source)
+    _load(image, source)
+
+    # Read after the load: a PNG may keep its eXIf chunk after the pixels.
+    orientation = _orientation(image)
+    if orientation != 1:
+        ImageOps.exif_transpose(image, in_place=True)
+    return image, _oriented(stored_size, orientation)
+
+
+def _draft(image: ImageFile.ImageFile, orientation: int, options: ImageOptions) -> None:
+    """Ask the JPEG decoder for a reduced DCT scale when the output is much smaller."""
+    target, shrinking = _resize_target(*_oriented(image.size, orientation), options)
+    if target is None or not shrinking:
+        return
+
+    # The target is upright; the stored pixels may be rotated by a quarter turn.
+    width, height = _oriented(target, orientation)
+    full_size = image.size
+    image.draft(None, (width * DRAFT_MARGIN, height * DRAFT_MARGIN))
+    if image.size != full_size:
+        logger.debug("decoding a %dx%d JPEG at %dx%d", *full_size, *image.size)
+
+
+def _check_pixels(image: Image.Image, options: ImageOptions, source: str) -> None:
+    pixels = image.width * image.height
+    if pixels > options.max_pixels:
+        message = (
+            f"{image.width}x{image.height} = {pixels:,} pixels to decode exceeds max_pixels "
+            f"{options.max_pixels:,}; raise max_pixels to accept images this large"
+        )
+        raise _error("too_many_pixels", message, source)
+
+
+def _load(image: ImageFile.ImageFile, source: str) -> None:
+    """Decode the pixels of the current frame, raising decode_error on any damage.
+
+    Strict only while ImageFile.LOAD_TRUNCATED_IMAGES is False, its default. gaia never sets it,
+    but another library in the same process could.
+    """
+    try:
+        image.load()
+    except Image.DecompressionBombError as err:
+        # Pillow's TIFF and GIF decoders check Image.MAX_IMAGE_PIXELS again while loading.
+        raise _error(
+            "too_many_pixels",
+            f"{err} Pillow's process-wide limit Image.MAX_IMAGE_PIXELS is lower than max_pixels; raise it",
+            source,
+        ) from err
+    except _DECODE_EXCEPTIONS as err:
+        raise _error("decode_error", f"{image.format} image is truncated or corrupt: {err}", source) from err
+
+
+def _orientation(image: Image.Image) -> int:
+    """Return the EXIF orientation (1-8), or 1 when it is missing, invalid or unreadable."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_EXCEPTIONS as err:
+        logger.debug("ignoring unreadable EXIF data: %s", err)
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    width, height = size
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel formats
+
+
+def _to_8bit(image: Image.Image, source: str) -> Image.Image:
+    """Convert ``image`` to mode L or RGB, compositing any alpha channel on white."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return _composite_on_white(image.convert("RGBA"))
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("P", "CMYK", "YCbCr", "RGBX"):
+        # CMYK uses Pillow's formula without colour management, as OpenCV did for img2dataset.
+        return image.convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        return _scale_integer_samples(image)
+    if mode == "F":
+        # NOTE: rejected, not stretched: float samples are physical values (reflectance,
+        # temperature) with no standard mapping to display levels, and img2dataset's output for
+        # them was near-black.
+        message = (
+            "32-bit floating-point samples (Pillow mode F) have no standard mapping to 8-bit pixels; "
+            "use the 'original' config to keep the file as published"
+        )
+        raise _error("unsupported_format", message, source)
+    raise _error("unsupported_format", f"pixel mode {mode} cannot be converted to RGB or grayscale", source)
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    # paste() with a mask gives round(c * a / 255 + 255 - a), img2dataset's alpha matting,
+    # for all 65,536 (colour, alpha) pairs (checked against its NumPy formula).
+    background = Image.new("RGB", image.size, WHITE)
+    background.paste(image.convert("RGB"), mask=image.getchannel("A"))
+    return background
+
+
+def _scale_integer_samples(image: Image.Image) -> Image.Image:
+    """Map 16- and 32-bit integer samples linearly from their type's range to 0-255.
+
+    Pillow's own conversion to L clips at 255 instead, which turns most 16-bit images white.
+    """
+    low, high = _sample_range(image)
+    scale = 255 / (high - low)
+    offset = 0.5 - low * scale  # +0.5 rounds, because Pillow truncates the result to an integer
+    if image.mode != "I;16":
+        image = image.convert("I")  # Pillow's point() takes I;16 and I but not I;16B
+    scaled = image.point(lambda value: value * scale + offset)
+    return scaled.convert("L")
+
+
+def _sample_range(image: Image.Image) -> tuple[int, int]:
+    """Return the lowest and highest value that the source's integer sample type can hold."""
+    if image.mode.startswith("I;16"):
+        return (-(2**15), 2**15 - 1) if image.mode.endswith("S") else (0, 2**16 - 1)
+
+    # Mode I stores 32 bits, but the file may hold fewer (a 16-bit signed TIFF opens as I).
+    bits, signed = 32, True
+    if image.format == "PNG":
+        bits, signed = 16, False
+    elif image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        bits = _first(tags.get(258), default=32)  # BitsPerSample
+        signed = _first(tags.get(339), default=1) == 2  # SampleFormat: 1 unsigned, 2 signed
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _first(value: object, *, default: int) -> int:
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    return value if isinstance(value, int) else default
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def _resize_target(width: int, height: int, options: ImageOptions) -> tuple[tuple[int, int] | None, bool]:
+    """Return img2dataset's resize size for a ``width`` x ``height`` image and whether it shrinks.
+
+    The size is None where img2dataset leaves the image alone: resize_mode "no", or
+    resize_only_if_bigger with an image that is not bigger. Crop and padding are skipped then.
+    """
+    if options.resize_mode == "no":
+        return None, False
+
+    by_shorter_side = options.resize_mode in ("keep_ratio", "center_crop")
+    side = min(width, height) if by_shorter_side else max(width, height)
+    shrinking = side > options.image_size
+    if options.resize_only_if_bigger and not shrinking:
+        return None, False
+
+    # Float arithmetic and round-half-to-even, as albumentations' SmallestMaxSize/LongestMaxSize.
+    scale = options.image_size / side
+    return (max(1, round(width * scale)), max(1, round(height * scale))), shrinking
+
+
+def _resize(image: Image.Image, original_size: tuple[int, int], options: ImageOptions) -> Image.Image:
+    """Resize, then crop or pad, as img2dataset does for options.resize_mode.
+
+    The size comes from the original dimensions, so a JPEG decoded at reduced scale ends at
+    the same size as a full decode.
+    """
+    target, shrinking = _resize_target(*original_size, options)
+    if target is None:
+        return image
+
+    if image.size != target:
+        image = image.resize(target, _choose_filter(image.size, target, shrinking))
+    if options.resize_mode == "center_crop":
+        image = _center_crop(image, options.image_size)
+    elif options.resize_mode == "border":
+        image = _pad_to_square(image, options.image_size)
+    return image
+
+
+def _choose_filter(
+    source_size: tuple[int, int], target: tuple[int, int], shrinking: bool
+) -> Image.Resampling:
+    if not shrinking:
+        return _ENLARGE_FILTER
+    if source_size[0] % target[0] == 0 and source_size[1] % target[1] == 0:
+        # Whole factors (a 1024x1024 tile to 512x512): BOX and INTER_AREA both average k x k blocks.
+        return Image.Resampling.BOX
+    factor = max(source_size[0] / target[0], source_size[1] / target[1])
+    return next(resample for limit, resample in _SHRINK_FILTERS if factor < limit)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    left = (image.width - size) // 2
+    top = (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _pad_to_square(image: Image.Image, size: int) -> Image.Image:
+    if image.size == (size, size):
+        return image
+    fill: int | tuple[int, int, int] = 255 if image.mode == "L" else WHITE
+    square = Image.new(image.mode, (size, size), fill)
+    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return square
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+_ENCODERS: dict[str, Callable[[Image.Image, io.BytesIO, int], None]] = {
+    "png": lambda image, buffer, quality: image.save(buffer, "PNG", compress_level=quality),
+    "jpeg": lambda image, buffer, quality: image.save(buffer, "JPEG", quality=quality),
+    "webp": lambda image, buffer, quality: image.save(buffer, "WEBP", quality=quality),
+}
+
+
+def _encode(image: Image.Image, options: ImageOptions) -> bytes:
+    """Encode ``image`` without the source's metadata.
+
+    EXIF would re-rotate the upright pixels in viewers, and an ICC profile or tRNS colour key
+    would describe the source, not the converted pixels. img2dataset wrote none of them either.
+    """
+    image.info = {}
+    buffer = io.BytesIO()
+    _ENCODERS[options.encode_format](image, buffer, options.encode_quality)
+    return buffer.getvalue()

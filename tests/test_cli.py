@@ -1,0 +1,104 @@
+"""The gaia command: prepare with its summary and failures file, usage errors, infos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pytest_httpserver import HTTPServer
+
+from factories import image_bytes, record, write_metadata
+from gaia_builder.cli import main
+
+FAST_FLAGS = [
+    "--max-requests-per-second-per-host", "1000",
+    "--rate-burst", "100",
+    "--max-retries", "0",
+    "--connect-timeout", "2",
+    "--read-timeout", "2",
+    "--attempt-timeout", "5",
+]  # fmt: skip
+
+
+def prepare_args(tmp_path: Path, metadata: Path) -> list[str]:
+    return [
+        "prepare",
+        "--split", "validation",
+        "--data-files", f"validation={metadata}",
+        "--cache-dir", str(tmp_path / "datasets"),
+        "--fetch-cache-dir", str(tmp_path / "fetch"),
+        "--failures", str(tmp_path / "failures.jsonl"),
+        *FAST_FLAGS,
+    ]  # fmt: skip
+
+
+def test_prepare_prints_summary(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """prepare builds the split, counts failures by class and host, and writes the failures file."""
+    httpserver.expect_request("/ok.png").respond_with_data(image_bytes((600, 400)), content_type="image/png")
+    httpserver.expect_request("/gone.png").respond_with_data("gone", status=404)
+    records = [
+        record(0, httpserver.url_for("/ok.png")),
+        record(1, httpserver.url_for("/gone.png")),
+        record(2, "mailto:someone@example.org"),
+    ]
+    metadata = write_metadata(tmp_path / "val.json", records, "records")
+
+    result = CliRunner().invoke(main, prepare_args(tmp_path, metadata))
+
+    assert result.exit_code == 0, result.output
+    assert "validation: 3 rows, 1 ok, 2 failed" in result.output
+    assert "http_404" in result.output
+    assert "invalid_url" in result.output
+    assert "0 answered from the fetch cache, 2 requested" in result.output
+    failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert [failure["id"] for failure in failures] == [records[1]["id"], records[2]["id"]]
+    assert failures[0]["url"] == records[1]["image_src"]
+    assert failures[0]["error"].startswith("http_404: ")
+
+
+def test_prepare_again_uses_cache(httpserver: HTTPServer, tmp_path: Path) -> None:
+    httpserver.expect_request("/ok.png").respond_with_data(image_bytes((600, 400)), content_type="image/png")
+    metadata = write_metadata(tmp_path / "val.json", [record(0, httpserver.url_for("/ok.png"))], "records")
+    CliRunner().invoke(main, prepare_args(tmp_path, metadata))
+
+    args = prepare_args(tmp_path, metadata)
+    args[args.index("--max-retries") + 1] = "1"  # other options: a new Arrow build, same fetch cache
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 0, result.output
+    assert "1 answered from the fetch cache, 0 requested" in result.output
+    assert len(httpserver.log) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare", "--split", "val"], "Invalid value for '--split'"),
+        (["prepare", "--image-size", "0"], "invalid value for image_size: 0"),
+        (["prepare", "--data-files", "val_data.json"], "is not SPLIT=PATH"),
+        (["prepare", "--resize-mode", "stretch"], "invalid value for resize_mode"),
+        (["prepare", "--no-such-flag"], "No such option"),
+    ],
+)
+def test_usage_error_exits_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_infos_counts_splits(tmp_path: Path) -> None:
+    for name, count in (("train_data.json", 3), ("val_data.json", 1), ("test_data.json", 2)):
+        write_metadata(tmp_path / name, [record(number, f"https://a.test/{number}.png") for number in range(count)], "records")
+    output = tmp_path / "dataset_infos.json"
+
+    result = CliRunner().invoke(main, ["infos", "--data-dir", str(tmp_path), "--output", str(output)])
+
+    assert result.exit_code == 0, result.output
+    infos = json.loads(output.read_text())
+    assert set(infos) == {"default", "original", "metadata"}
+    assert infos["default"]["splits"]["train"]["num_examples"] == 3
+    assert infos["metadata"]["splits"]["validation"]["num_examples"] == 1
+    assert "image" not in infos["metadata"]["features"]

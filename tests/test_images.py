@@ -1,0 +1,683 @@
+"""Tests of gaia_builder.images: img2dataset's sizes, pixel modes, formats, limits and memory.
+
+Every image is generated here with Pillow and NumPy, except those of the shared_images fixture.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from gaia_builder.config import ImageOptions
+from gaia_builder.errors import ImageError, RowError
+from gaia_builder.images import ProcessedImage, process_image
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def encode(image: Image.Image, image_format: str, **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **params)
+    return buffer.getvalue()
+
+
+def process(data: bytes, **options: Any) -> ProcessedImage:
+    return process_image(data, ImageOptions(**options), source="https://example.test/image")
+
+
+def decode(result: ProcessedImage) -> Image.Image:
+    image = Image.open(io.BytesIO(result.data))
+    image.load()
+    return image
+
+
+def row_error(data: bytes, **options: Any) -> RowError:
+    with pytest.raises(ImageError) as caught:
+        process(data, **options)
+    return caught.value.row_error
+
+
+def noisy_gray(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Return a photo-like grayscale array: smooth waves, a sharp-edged block and noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    pixels = 128 + 70 * np.sin(2 * np.pi * 2.3 * x / width) * np.cos(2 * np.pi * 1.7 * y / height)
+    pixels[height // 4 : height // 2, width // 3 : width // 2] = 230
+    pixels += rng.normal(0, 12, pixels.shape)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    error = np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2)
+    return math.inf if error == 0 else 10 * math.log10(255**2 / error)
+
+
+def area_average(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Shrink a grayscale array by exact area averaging, the operation of OpenCV's INTER_AREA."""
+
+    def weights(source: int, target: int) -> np.ndarray:
+        scale = source / target
+        starts = np.arange(target)[:, None] * scale
+        first = np.arange(source)[None, :]
+        covered = np.minimum(starts + scale, first + 1) - np.maximum(starts, first)
+        return np.clip(covered, 0, None) / scale
+
+    rows = weights(pixels.shape[0], height)
+    columns = weights(pixels.shape[1], width)
+    return np.rint(rows @ pixels.astype(np.float64) @ columns.T)
+
+
+def flat(size: tuple[int, int], color: int | tuple[int, ...] = 90, mode: str = "L") -> Image.Image:
+    return Image.new(mode, size, color)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: img2dataset 1.47 with albumentations 1.4 scales the shorter (keep_ratio, center_crop) or
+# longer (keep_ratio_largest, border) side to image_size and rounds every side half to even, at
+# least 1. Each expected size below was worked out by hand from that rule.
+
+SIZE_TABLE = [
+    # resize_mode, source size, expected output size; the arithmetic for the rounded side
+    ("keep_ratio", (1024, 768), (683, 512)),  # 1024 * 512 / 768 = 682.67
+    ("keep_ratio", (768, 1024), (512, 683)),
+    ("keep_ratio", (1025, 1024), (512, 512)),  # 512.5 rounds to even 512
+    ("keep_ratio", (1027, 1024), (514, 512)),  # 513.5 rounds to even 514
+    ("keep_ratio", (3081, 3072), (514, 512)),  # 3081 / 6 = 513.5 rounds to even 514
+    ("keep_ratio", (3075, 3072), (512, 512)),  # 3075 / 6 = 512.5 rounds to even 512
+    ("keep_ratio", (512, 700), (512, 700)),  # shorter side already 512: untouched
+    ("keep_ratio", (512, 256), (1024, 512)),  # enlarged
+    ("keep_ratio", (79, 71), (570, 512)),  # 79 * 512 / 71 = 569.69
+    ("keep_ratio_largest", (1024, 1021), (512, 510)),  # 510.5 rounds to even 510
+    ("keep_ratio_largest", (1024, 1023), (512, 512)),  # 511.5 rounds to even 512
+    ("keep_ratio_largest", (300, 200), (512, 341)),  # 200 * 512 / 300 = 341.33
+    ("keep_ratio_largest", (5000, 4), (512, 1)),  # 0.41 rounds to 0, raised to 1
+    ("center_crop", (1027, 1024), (512, 512)),  # 514x512, then cropped
+    ("center_crop", (300, 200), (512, 512)),  # 768x512, then cropped
+    ("border", (1000, 299), (512, 512)),  # 512x153, then padded
+    ("border", (1024, 1021), (512, 512)),  # 512x510, then padded
+    ("no", (1027, 1024), (1027, 1024)),
+]
+
+
+@pytest.mark.parametrize(("resize_mode", "source_size", "expected_size"), SIZE_TABLE)
+def test_resize_size_table(
+    resize_mode: str, source_size: tuple[int, int], expected_size: tuple[int, int]
+) -> None:
+    result = process(encode(flat(source_size), "PNG"), resize_mode=resize_mode)
+
+    assert (result.width, result.height) == expected_size
+    assert decode(result).size == expected_size
+    assert (result.original_width, result.original_height) == source_size
+
+
+def test_resize_other_image_size() -> None:
+    """250x150 with image_size 100: 250 * 100 / 150 = 166.67 rounds to 167."""
+    result = process(encode(flat((250, 150)), "PNG"), image_size=100)
+
+    assert (result.width, result.height) == (167, 100)
+
+
+@pytest.mark.parametrize(
+    ("resize_mode", "source_size", "expected_size"),
+    [
+        ("keep_ratio", (300, 200), (300, 200)),
+        ("center_crop", (300, 200), (300, 200)),  # no crop either
+        ("border", (300, 200), (300, 200)),  # no padding either
+        ("keep_ratio", (1024, 768), (683, 512)),  # bigger images still shrink
+        ("border", (1000, 299), (512, 512)),
+    ],
+)
+def test_resize_only_if_bigger(
+    resize_mode: str, source_size: tuple[int, int], expected_size: tuple[int, int]
+) -> None:
+    data = encode(flat(source_size), "PNG")
+
+    result = process(data, resize_mode=resize_mode, resize_only_if_bigger=True)
+
+    assert (result.width, result.height) == expected_size
+
+
+def test_center_crop_keeps_middle() -> None:
+    """A 1024x512 image, black left and white right, keeps columns 256-767."""
+    pixels = np.zeros((512, 1024), np.uint8)
+    pixels[:, 512:] = 255
+
+    result = decode(process(encode(Image.fromarray(pixels), "PNG"), resize_mode="center_crop"))
+    output = np.asarray(result)
+
+    assert result.size == (512, 512)
+    assert output[:, 255].max() == 0
+    assert output[:, 256].min() == 255
+
+
+def test_border_pads_white_around_middle() -> None:
+    """1000x299 becomes 512x153, then 179 white rows above and 180 below."""
+    result = decode(process(encode(flat((1000, 299), 0), "PNG"), resize_mode="border"))
+    output = np.asarray(result)
+
+    assert result.size == (512, 512)
+    assert output[178].min() == 255
+    assert output[179].max() == 0
+    assert output[331].max() == 0
+    assert output[332].min() == 255
+
+
+def test_border_pads_rgb_white() -> None:
+    result = decode(process(encode(flat((600, 200), (0, 0, 0), "RGB"), "PNG"), resize_mode="border"))
+
+    assert result.getpixel((0, 0)) == (255, 255, 255)
+    assert result.getpixel((256, 256)) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters: img2dataset shrinks with OpenCV's INTER_AREA. The reference here is exact area
+# averaging written in NumPy; benchmarks/fidelity.py compares with OpenCV itself.
+
+
+@pytest.mark.parametrize("source_side", [522, 768, 1024, 1280, 2600])
+def test_shrink_close_to_area_average(source_side: int) -> None:
+    pixels = noisy_gray(source_side, source_side)
+    expected = area_average(pixels, 512, 512)
+
+    result = decode(process(encode(Image.fromarray(pixels), "PNG")))
+
+    assert psnr(np.asarray(result), expected) >= 40.0
+
+
+def test_enlarge_keeps_flat_color() -> None:
+    result = decode(process(encode(flat((100, 80), (10, 120, 240), "RGB"), "PNG")))
+
+    assert result.size == (640, 512)
+    assert result.getextrema() == ((10, 10), (120, 120), (240, 240))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel modes
+
+
+def test_rgba_composited_on_white() -> None:
+    """Colour c at alpha a becomes round(c * a / 255 + 255 - a), as img2dataset computes it."""
+    image = Image.new("RGBA", (2, 1))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    image.putpixel((1, 0), (100, 40, 200, 128))
+
+    result = decode(process(encode(image, "PNG"), resize_mode="no"))
+
+    assert result.mode == "RGB"
+    assert result.getpixel((0, 0)) == (255, 255, 255)
+    assert result.getpixel((1, 0)) == (177, 147, 227)
+
+
+def test_la_composited_on_white() -> None:
+    image = Image.merge("LA", [flat((4, 4), 0), flat((4, 4), 0)])
+    image.putpixel((3, 3), (0, 255))
+
+    result = decode(process(encode(image, "PNG"), resize_mode="no"))
+
+    assert result.mode == "RGB"
+    assert result.getpixel((0, 0)) == (255, 255, 255)
+    assert result.getpixel((3, 3)) == (0, 0, 0)
+
+
+def test_palette_transparency_composited_on_white() -> None:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    image.putpixel((0, 0), 0)
+
+    result = decode(process(encode(image, "PNG", transparency=0), resize_mode="no"))
+
+    assert result.mode == "RGB"
+    assert result.getpixel((0, 0)) == (255, 255, 255)
+    assert result.getpixel((1, 1)) == (200, 30, 30)
+
+
+def test_palette_becomes_rgb() -> None:
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+
+    result = decode(process(encode(image, "PNG"), resize_mode="no"))
+
+    assert result.mode == "RGB"
+    assert result.getpixel((2, 2)) == (200, 30, 30)
+
+
+def test_grayscale_stays_single_channel() -> None:
+    result = decode(process(encode(Image.fromarray(noisy_gray(700, 600)), "PNG")))
+
+    assert result.mode == "L"
+
+
+def test_one_bit_becomes_grayscale() -> None:
+    image = Image.new("1", (8, 8), 0)
+    image.putpixel((7, 7), 1)
+
+    result = decode(process(encode(image, "PNG"), resize_mode="no"))
+
+    assert result.mode == "L"
+    assert result.getpixel((0, 0)) == 0
+    assert result.getpixel((7, 7)) == 255
+
+
+def sixteen_bit_gradient() -> np.ndarray:
+    return np.linspace(0, 65535, 300 * 200).reshape(200, 300).astype(np.uint16)
+
+
+def test_sixteen_bit_png_scaled_by_range() -> None:
+    """A 16-bit gradient keeps its mean / 257 instead of clipping at 255."""
+    values = sixteen_bit_gradient()
+    image = Image.frombytes("I;16", (300, 200), values.astype("<u2").tobytes())
+
+    result = decode(process(encode(image, "PNG"), resize_mode="no"))
+    output = np.asarray(result)
+
+    assert result.mode == "L"
+    assert abs(output.mean() - values.mean() / 257) <= 2
+    assert output.min() == 0
+    assert output.max() == 255
+
+
+def test_sixteen_bit_big_endian_tiff() -> None:
+    values = sixteen_bit_gradient()
+    image = Image.frombytes("I;16B", (300, 200), values.astype(">u2").tobytes())
+
+    output = np.asarray(decode(process(encode(image, "TIFF"), resize_mode="no")))
+
+    assert abs(output.mean() - values.mean() / 257) <= 2
+
+
+def test_thirty_two_bit_tiff_scaled_by_range() -> None:
+    """Signed 32-bit samples map from [-2**31, 2**31 - 1] to [0, 255]."""
+    values = np.array([[-(2**31), 0, 2**31 - 1]], np.int32)
+
+    result = decode(process(encode(Image.fromarray(values), "TIFF"), resize_mode="no"))
+
+    assert list(np.asarray(result)[0]) == [0, 128, 255]
+
+
+def test_float_tiff_rejected() -> None:
+    values = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+
+    error = row_error(encode(Image.fromarray(values), "TIFF"))
+
+    assert error.error_class == "unsupported_format"
+    assert "mode F" in error.detail
+
+
+def test_cmyk_jpeg_matches_rgb() -> None:
+    reference = (200, 100, 50)
+    data = encode(flat((64, 64), reference, "RGB").convert("CMYK"), "JPEG", quality=95)
+
+    result = decode(process(data, resize_mode="no"))
+    mean = np.asarray(result).reshape(-1, 3).mean(axis=0)
+
+    assert result.mode == "RGB"
+    assert np.abs(mean - np.array(reference)).max() <= 6
+
+
+def rotated_jpeg(orientation: int) -> bytes:
+    """Return a 400x300 JPEG, red in its stored top-left corner, tagged with ``orientation``."""
+    image = flat((400, 300), (0, 0, 255), "RGB")
+    image.paste((255, 0, 0), (0, 0, 100, 100))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def test_exif_rotated_jpeg_upright() -> None:
+    """Orientation 6 turns the stored image a quarter clockwise: top-left moves to top-right."""
+    result = process(rotated_jpeg(6), resize_mode="no")
+    output = decode(result)
+
+    assert (result.width, result.height) == (300, 400)
+    assert (result.original_width, result.original_height) == (300, 400)
+    assert output.getpixel((250, 50))[0] > 200
+    assert output.getpixel((50, 50))[2] > 200
+
+
+def test_exif_rotated_jpeg_resized_upright() -> None:
+    result = process(rotated_jpeg(6))
+
+    assert (result.width, result.height) == (512, 683)
+
+
+def test_exif_rotation_applied_once() -> None:
+    """The output carries no orientation tag, so no viewer rotates it again."""
+    output = decode(process(rotated_jpeg(6), resize_mode="no", encode_format="jpeg", encode_quality=90))
+
+    assert 0x0112 not in output.getexif()
+    assert output.size == (300, 400)
+
+
+def test_exif_orientation_one_unchanged() -> None:
+    result = process(rotated_jpeg(1), resize_mode="no")
+
+    assert (result.width, result.height) == (400, 300)
+
+
+COLORS = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+
+
+def frames() -> list[Image.Image]:
+    return [flat((32, 32), color, "RGB") for color in COLORS]
+
+
+@pytest.mark.parametrize(
+    ("image_format", "params"),
+    [("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True}), ("TIFF", {})],
+    ids=["animated-gif", "apng", "animated-webp", "multipage-tiff"],
+)
+def test_first_frame_decoded(image_format: str, params: dict[str, Any]) -> None:
+    first, *others = frames()
+    data = encode(first, image_format, save_all=True, append_images=others, duration=100, **params)
+    assert Image.open(io.BytesIO(data)).n_frames == 3  # the source really has three frames
+
+    result = decode(process(data, resize_mode="no"))
+
+    assert result.getpixel((16, 16)) == COLORS[0]
+
+
+@pytest.mark.parametrize(
+    ("image_format", "name"),
+    [("JPEG", "jpeg"), ("PNG", "png"), ("GIF", "gif"), ("TIFF", "tiff"), ("WEBP", "webp"), ("BMP", "bmp")],
+)
+def test_source_formats_decode(image_format: str, name: str) -> None:
+    data = encode(flat((640, 600), (40, 80, 120), "RGB"), image_format)
+
+    resized = process(data)
+    original = process(data, mode="original")
+
+    assert (resized.width, resized.height) == (546, 512)
+    assert original.format == name
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejected inputs
+
+
+@pytest.mark.parametrize(
+    ("data", "error_class"),
+    [
+        (b"", "not_an_image"),
+        (b"<!DOCTYPE html><html><body>Page moved</body></html>", "not_an_image"),
+        (b"Not Found\n", "not_an_image"),
+        (b'{"error": "not found"}', "not_an_image"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "unsupported_format"),
+        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heic", "unsupported_format"),
+        (bytes(range(256)), "unsupported_format"),
+    ],
+    ids=["empty", "html", "text", "json", "svg", "heic", "heif-mif1", "binary"],
+)
+def test_not_decodable(data: bytes, error_class: str) -> None:
+    assert row_error(data).error_class == error_class
+    assert row_error(data, mode="original").error_class == error_class
+
+
+def test_error_names_source() -> None:
+    error = row_error(b"<html></html>")
+
+    assert "https://example.test/image" in error.detail
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_truncated_decode_error(image_format: str) -> None:
+    data = encode(Image.fromarray(noisy_gray(600, 600)).convert("RGB"), image_format)
+
+    assert row_error(data[: len(data) * 2 // 3]).error_class == "decode_error"
+    assert row_error(data[: len(data) * 2 // 3], mode="original").error_class == "decode_error"
+
+
+def test_truncated_drafted_jpeg_decode_error() -> None:
+    """A JPEG decoded at reduced DCT scale still reads, and misses, every byte."""
+    data = encode(Image.fromarray(noisy_gray(2048, 2048)), "JPEG")
+
+    assert row_error(data[: len(data) * 9 // 10]).error_class == "decode_error"
+
+
+def test_too_many_pixels() -> None:
+    data = encode(flat((1000, 1000)), "PNG")
+
+    error = row_error(data, max_pixels=999_999)
+
+    assert error.error_class == "too_many_pixels"
+    assert "1000x1000" in error.detail
+
+
+def test_max_pixels_counts_drafted_jpeg_pixels() -> None:
+    """A 4096x4096 JPEG shrunk to 512 decodes at 1/4 scale, 1 Mpx, within a 2 Mpx cap."""
+    data = encode(flat((4096, 4096), (10, 20, 30), "RGB"), "JPEG")
+
+    result = process(data, max_pixels=2_000_000)
+
+    assert (result.width, result.height) == (512, 512)
+
+
+def test_invalid_option_raises() -> None:
+    with pytest.raises(ValueError, match="resize_mode"):
+        process(encode(flat((8, 8)), "PNG"), resize_mode="stretch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and mode "original"
+
+
+def test_png_level_changes_size_not_pixels() -> None:
+    data = encode(Image.fromarray(noisy_gray(700, 700)), "PNG")
+
+    fast = process(data, encode_quality=0)
+    small = process(data, encode_quality=9)
+
+    assert len(small.data) < len(fast.data)
+    assert np.array_equal(np.asarray(decode(fast)), np.asarray(decode(small)))
+
+
+@pytest.mark.parametrize("encode_format", ["jpeg", "webp"])
+def test_lossy_quality_changes_size(encode_format: str) -> None:
+    data = encode(Image.fromarray(noisy_gray(700, 700)).convert("RGB"), "PNG")
+
+    low = process(data, encode_format=encode_format, encode_quality=10)
+    high = process(data, encode_format=encode_format, encode_quality=95)
+
+    assert low.format == encode_format
+    assert decode(low).format.lower() == encode_format
+    assert len(low.data) < len(high.data)
+
+
+def test_output_has_no_source_metadata() -> None:
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"
+    data = encode(flat((600, 600), (1, 2, 3), "RGB"), "JPEG", icc_profile=icc, exif=exif.tobytes())
+
+    output = decode(process(data))
+
+    assert "icc_profile" not in output.info
+    assert len(output.getexif()) == 0
+
+
+def test_original_keeps_bytes() -> None:
+    data = encode(flat((900, 700), (5, 6, 7), "RGB"), "JPEG")
+
+    result = process(data, mode="original")
+
+    assert result.data == data
+    assert (result.format, result.width, result.height) == ("jpeg", 900, 700)
+
+
+def test_original_reports_upright_size() -> None:
+    result = process(rotated_jpeg(8), mode="original")
+
+    assert (result.width, result.height) == (300, 400)
+    assert (result.original_width, result.original_height) == (300, 400)
+
+
+def test_threads_give_same_results() -> None:
+    sources = [encode(Image.fromarray(noisy_gray(500 + 97 * i, 600, seed=i)), "PNG") for i in range(8)]
+    serial = [process(data).data for data in sources]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda data: process(data).data, sources))
+
+    assert parallel == serial
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: each measurement runs in a fresh interpreter. Linux resets the peak resident set size
+# (VmHWM) when "5" is written to /proc/self/clear_refs, so peak minus the resident size before
+# the call is the call's own peak use.
+
+MEASURE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from PIL import Image
+    from gaia_builder.config import ImageOptions
+    from gaia_builder.errors import ImageError
+    from gaia_builder.images import process_image
+
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB to MiB
+
+    data = Path(sys.argv[1]).read_bytes()
+    action, options = sys.argv[2], json.loads(sys.argv[3])
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    outcome = None
+    try:
+        if action == "process":
+            result = process_image(data, ImageOptions(**options))
+            outcome = [result.width, result.height]
+            Path(sys.argv[4]).write_bytes(result.data)
+        else:
+            Image.open(sys.argv[1]).load()
+    except ImageError as err:
+        outcome = err.row_error.error_class
+    print(json.dumps({"outcome": outcome, "peak_mib": status("VmHWM") - before}))
+    """
+)
+
+
+def measure(path: Path, action: str, options: dict[str, Any], output: Path | None = None) -> dict[str, Any]:
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory is measured through Linux's /proc/self/clear_refs")
+    command = [sys.executable, "-c", MEASURE, str(path), action, json.dumps(options), str(output or "")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def png_of_zeros(width: int, height: int) -> bytes:
+    """Build a valid grayscale PNG row by row, without holding its pixels in memory."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(1)
+    row = bytes(width + 1)  # filter byte 0, then the samples
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_huge_png_rejected_before_decoding(tmp_path: Path) -> None:
+    """A 20000x10000 PNG (200 Mpx) over max_pixels costs under 50 MiB: only its header is read.
+
+    It is also over Pillow's own 179 Mpx decompression-bomb limit, which must not be what answers.
+    """
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_of_zeros(20_000, 10_000))
+
+    measured = measure(path, "process", {"max_pixels": 100_000_000})
+
+    assert measured["outcome"] == "too_many_pixels"
+    assert measured["peak_mib"] < 50
+
+
+def test_huge_jpeg_decoded_through_draft(tmp_path: Path) -> None:
+    """An 8192x5460 JPEG shrunk to 768x512 decodes at 1/4 scale: a fraction of a full decode's memory."""
+    gradient = Image.linear_gradient("L").resize((8192, 5460), Image.Resampling.BILINEAR)
+    image = Image.merge("RGB", [gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient])
+    path = tmp_path / "huge.jpg"
+    image.save(path, "JPEG", quality=90)
+    expected = np.asarray(image.resize((768, 512), Image.Resampling.BOX))
+    del image, gradient
+    output = tmp_path / "out.png"
+
+    drafted = measure(path, "process", {}, output)
+    full = measure(path, "decode", {})
+
+    assert drafted["outcome"] == [768, 512]
+    assert psnr(np.asarray(Image.open(output)), expected) >= 35
+    assert full["peak_mib"] > 100
+    assert drafted["peak_mib"] < full["peak_mib"] / 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Real satellite images; the expected sizes are those img2dataset 1.47 produced from these files
+# with the GAIA settings.
+
+SHARED_RESULTS = {
+    "389225main_sw_1965_1024.jpg": ((683, 512), "RGB"),
+    "RGB.byte.tif": ((564, 512), "RGB"),
+    "RGBA.byte.tif": ((564, 512), "RGB"),
+    "alpha.tif": ((512, 512), "RGB"),
+    "goes.tif": ((512, 512), "RGB"),
+    "rgb-byte-tenth.tif": ((570, 512), "RGB"),
+    "shade.tif": ((512, 512), "L"),
+    "world.byte.tif": ((1229, 512), "L"),
+    "world.rgb.tif": ((1024, 512), "RGB"),
+}
+SHARED_ERRORS = {
+    "RGBA.uint16.tif": "unsupported_format",
+    "float32.tif": "unsupported_format",
+    "corrupt.tif": "decode_error",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_RESULTS))
+def test_shared_image_decodes(shared_images: Path, name: str) -> None:
+    size, mode = SHARED_RESULTS[name]
+
+    result = process((shared_images / name).read_bytes(), encode_quality=9)
+
+    assert (result.width, result.height) == size
+    assert decode(result).mode == mode
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_ERRORS))
+def test_shared_image_rejected(shared_images: Path, name: str) -> None:
+    data = (shared_images / name).read_bytes()
+
+    assert row_error(data).error_class == SHARED_ERRORS[name]
+
+
+def test_shared_float_tiff_kept_as_original(shared_images: Path) -> None:
+    """Mode "original" stores float samples as published: only converting them is refused."""
+    data = (shared_images / "float32.tif").read_bytes()
+
+    result = process(data, mode="original")
+
+    assert (result.format, result.width, result.height) == ("tiff", 3, 2)
+
+
+@pytest.mark.parametrize("name", ["RGBA.uint16.tif", "corrupt.tif"])
+def test_shared_image_rejected_as_original(shared_images: Path, name: str) -> None:
+    data = (shared_images / name).read_bytes()
+
+    assert row_error(data, mode="original").error_class == SHARED_ERRORS[name]
