@@ -19,7 +19,7 @@ Modules, one per stage:
 
 __version__ = "0.1.0"
 
-from .registry import register  # noqa: E402
+from .registry import register
 
 register()
 

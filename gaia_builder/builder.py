@@ -71,7 +71,9 @@ class Gaia(datasets.GeneratorBasedBuilder):
             description="Images resized as the GAIA authors did: keep_ratio 512, PNG.",
         ),
         GaiaConfig(name="original", version=_VERSION, description="The publisher's image bytes, untouched."),
-        GaiaConfig(name="metadata", version=_VERSION, description="The 13 metadata fields only; no image is fetched."),
+        GaiaConfig(
+            name="metadata", version=_VERSION, description="The 13 metadata fields only; no image is fetched."
+        ),
     ]
     DEFAULT_CONFIG_NAME = "default"
 
@@ -148,7 +150,7 @@ class Gaia(datasets.GeneratorBasedBuilder):
         )
         return {split: [path] for split, path in downloaded.items()}
 
-    def _generate_examples(  # type: ignore[override]
+    def _generate_examples(
         self, split: str, files: tuple[str, ...], shards: Sequence[tuple[int, int]]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         rows = _load_split_rows(files)

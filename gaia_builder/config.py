@@ -250,8 +250,8 @@ def _check_int(name: str, value: object, low: int, high: int | None, context: st
 
 
 def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
+    ok = False
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         ok = value >= 0 if allow_zero else value > 0
     if not ok:
         expected = "a finite number of at least 0" if allow_zero else "a finite number greater than 0"

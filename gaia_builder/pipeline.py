@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -124,7 +124,7 @@ class RowPipeline:
         self.stats = PipelineStats()
         self._cache_failed = False
 
-    def run(self, rows: Iterable[MetadataRow]) -> Iterator[RowOutcome]:
+    def run(self, rows: Iterable[MetadataRow]) -> Generator[RowOutcome, None, None]:
         """Yield one outcome per row, in the order of ``rows``."""
         loop_thread = _LoopThread()
         cpu_pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="gaia-image")

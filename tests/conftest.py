@@ -17,9 +17,7 @@ SHARED_IMAGES = TESTS_DIR.parent.parent / "shared" / "data" / "images"
 
 
 @pytest.fixture(autouse=True)
-def isolated_caches(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Path:
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point every Hugging Face cache at a fresh folder for each test."""
     root = tmp_path_factory.mktemp("hf-home")
     monkeypatch.setenv("HF_HOME", str(root))

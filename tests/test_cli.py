@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from factories import image_bytes, record, write_metadata
 from pytest_httpserver import HTTPServer
 
-from factories import image_bytes, record, write_metadata
 from gaia_builder.cli import main
 
 FAST_FLAGS = [
@@ -91,7 +91,8 @@ def test_usage_error_exits_2(args: list[str], message: str) -> None:
 
 def test_infos_counts_splits(tmp_path: Path) -> None:
     for name, count in (("train_data.json", 3), ("val_data.json", 1), ("test_data.json", 2)):
-        write_metadata(tmp_path / name, [record(number, f"https://a.test/{number}.png") for number in range(count)], "records")
+        records = [record(number, f"https://a.test/{number}.png") for number in range(count)]
+        write_metadata(tmp_path / name, records, "records")
     output = tmp_path / "dataset_infos.json"
 
     result = CliRunner().invoke(main, ["infos", "--data-dir", str(tmp_path), "--output", str(output)])

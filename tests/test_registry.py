@@ -158,8 +158,12 @@ SCRIPT_LOAD = textwrap.dedent(
         sys.argv[1], split="validation", data_files={"validation": sys.argv[2]}, trust_remote_code=True,
         max_requests_per_second_per_host=1000.0, rate_burst=100, max_retries=0,
     )
-    print(json.dumps({"version": datasets.__version__, "ids": list(dataset["id"]), "errors": list(dataset["error"]),
-                      "sizes": [[row["width"], row["height"]] for row in dataset]}))
+    print(json.dumps({
+        "version": datasets.__version__,
+        "ids": list(dataset["id"]),
+        "errors": list(dataset["error"]),
+        "sizes": [[row["width"], row["height"]] for row in dataset],
+    }))
     """
 )
 
