@@ -30,7 +30,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-# albumentations, imported by img2dataset, asks PyPI for a newer version at import unless this is set.
+# albumentations, imported by img2dataset, sends a request to PyPI for its latest version at
+# import unless this variable is set.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import cv2
@@ -98,7 +99,11 @@ def photo(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def random_size(index: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Return a size from 300 to 5400 px; every eighth image has a shorter side below 512."""
+    """Return a random size with sides of at most 5400 px.
+
+    The shorter side is usually 300 to 3600 px. For every eighth image it is 60 to 500 px, which
+    keep_ratio enlarges.
+    """
     if index % 8 == 3:
         short = int(rng.integers(60, 500))
     else:
@@ -248,8 +253,8 @@ PILLOW_FILTERS = ("BOX", "BILINEAR", "HAMMING", "BICUBIC", "LANCZOS")
 def report_filters(seed: int) -> None:
     """Print the PSNR of each Pillow filter against OpenCV's INTER_AREA, by shrink factor.
 
-    Sources are one pixel taller than a whole factor, as real sizes are; each cell is the mean
-    over FILTER_SAMPLES photographs.
+    Sources are one pixel taller than a whole factor, as real sizes are. Each cell is the mean
+    over FILTER_SAMPLES generated photographs.
     """
     rng = np.random.default_rng(seed)
     print(f"PSNR of Pillow filters against cv2.resize INTER_AREA, mean of {FILTER_SAMPLES} images:")
@@ -287,7 +292,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-    images.DRAFT_MARGIN = arguments.draft_margin  # read at each call; this script runs alone
+    images.DRAFT_MARGIN = arguments.draft_margin  # process_image reads it at each call
     cv2.setNumThreads(1)  # as img2dataset does, so the CPU times compare
 
     corpus = build_corpus(arguments.images, arguments.seed)

@@ -22,6 +22,7 @@ from .errors import ConfigError, MetadataError, RowError
 from .features import gaia_features
 from .metadata import MetadataRow, download_metadata, load_rows, local_metadata_files
 from .pipeline import PipelineStats, RowOutcome, RowPipeline
+from .registry import DATASET_NAME, builder_hash
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ class Gaia(datasets.GeneratorBasedBuilder):
     # Called once per row as (split, row error or None) by the CLI's progress bar. Runs only in
     # the process that calls download_and_prepare, so the CLI sets it only when num_proc is 1.
     progress_callback: Callable[[str, RowError | None], None] | None = None
+
+    def __init__(
+        self, *args: Any, dataset_name: str | None = None, hash: str | None = None, **kwargs: Any
+    ) -> None:
+        # Built directly (as the CLI does) the builder gets the name and source hash that
+        # load_dataset("gaia") gives it, so both share one Arrow cache.
+        super().__init__(
+            *args, dataset_name=dataset_name or DATASET_NAME, hash=hash or builder_hash(), **kwargs
+        )
 
     def _create_builder_config(
         self, config_name: str | None = None, custom_features: Any = None, **config_kwargs: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import typing
@@ -16,11 +17,13 @@ from urllib.parse import urlsplit
 import click
 import datasets
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
 from .builder import STATS_DIR_ENV, Gaia
 from .config import SPLIT_NAMES, GaiaConfig
 from .errors import GaiaError, RowError
+from .fetch import FetchStats
 
 logger = logging.getLogger(__name__)
 
@@ -250,44 +253,66 @@ def prepare(
     click.echo(_summary(builder, splits, run_stats, failures if failed else None))
 
 
+class _Progress:
+    """One tqdm bar per split with rows, rows per second, images and failures."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: tqdm[Any] | None = None
+        self.split: str | None = None
+        self.images = 0
+        self.failed = 0
+
+    def __call__(self, split: str, error: RowError | None) -> None:
+        if split != self.split or self.bar is None:
+            self.close()
+            self.split = split
+            self.images = self.failed = 0
+            self.bar = tqdm(
+                desc=f"gaia {split}",
+                unit=" rows",
+                disable=self.quiet,
+                dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}{postfix}]",
+            )
+        if error is None:
+            self.images += 1
+        else:
+            self.failed += 1
+        self.bar.set_postfix(images=self.images, failed=self.failed, refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _prepare(builder: Gaia, num_proc: int | None, quiet: bool, stats_dir: str) -> None:
-    import os
-
     os.environ[STATS_DIR_ENV] = stats_dir
-    bar = tqdm(total=None, unit="row", disable=quiet, dynamic_ncols=True, desc="gaia")
-    failures: Counter[str] = Counter()
-
-    def on_row(split: str, error: RowError | None) -> None:
-        if error is not None:
-            failures[error.error_class] += 1
-        bar.set_description(f"gaia {split}", refresh=False)
-        bar.set_postfix(failed=sum(failures.values()), refresh=False)
-        bar.update()
-
+    progress = _Progress(quiet)
     if num_proc in (None, 1):
-        builder.progress_callback = on_row
+        builder.progress_callback = progress
         datasets.disable_progress_bars()
     try:
-        builder.download_and_prepare(num_proc=num_proc)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("gaia_builder")]):
+            builder.download_and_prepare(num_proc=num_proc)
     finally:
         builder.progress_callback = None
-        bar.close()
+        progress.close()
         datasets.enable_progress_bars()
         os.environ.pop(STATS_DIR_ENV, None)
 
 
 def _read_run_stats(directory: str) -> dict[str, Any]:
-    totals: dict[str, Any] = {"from_cache": 0, "fetched": 0, "hosts": {}}
+    """Add up the counts that each generator call wrote, in this process or a worker."""
+    totals: dict[str, Any] = {"runs": 0, "from_cache": 0, "fetched": 0, "hosts": FetchStats(hosts={})}
     for path in sorted(Path(directory).glob("*.json")):
         record = json.loads(path.read_text())
+        totals["runs"] += 1
         totals["from_cache"] += record["from_cache"]
         totals["fetched"] += record["fetched"]
-        for host, figures in record.get("hosts", {}).items():
-            merged = totals["hosts"].setdefault(host, Counter())
-            for key, value in figures.items():
-                if isinstance(value, int):
-                    merged[key] += value
-    totals["runs"] = len(list(Path(directory).glob("*.json")))
+        totals["hosts"] = totals["hosts"].merge(FetchStats.from_dict(record.get("hosts", {})))
     return totals
 
 
@@ -343,12 +368,9 @@ def _summary(
         for host, counts in sorted(by_host.items(), key=lambda item: -sum(item[1].values())):
             detail = ", ".join(f"{name} {count}" for name, count in counts.most_common())
             lines.append(f"  {host}: {detail}")
-    hosts = run_stats["hosts"]
-    if hosts:
+    if run_stats["hosts"].hosts:
         lines.append("Requests by host:")
-        for host, figures in sorted(hosts.items()):
-            detail = ", ".join(f"{key} {value}" for key, value in sorted(figures.items()))
-            lines.append(f"  {host}: {detail}")
+        lines.extend(f"  {line}" for line in run_stats["hosts"].summary().splitlines())
     if failures is not None:
         lines.append(f"Failed rows written to {failures}")
     return "\n".join(lines)

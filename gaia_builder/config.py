@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 
@@ -96,7 +97,7 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-@dataclass
+@dataclass(eq=False)
 class GaiaConfig(datasets.BuilderConfig):
     """BuilderConfig of the GAIA builder; see the README for every option."""
 
@@ -139,6 +140,39 @@ class GaiaConfig(datasets.BuilderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate()
+
+    def create_config_id(self, config_kwargs: dict[str, Any], custom_features: Any = None) -> str:
+        """Name the cache folder after the options that change the output, in a canonical form.
+
+        Politeness, deadlines and cache locations change how rows are fetched, not which rows
+        come out, so changing them reuses a prepared split. Options equal to their default, and
+        lists given instead of tuples, give the same folder as leaving them out.
+        """
+        # datasets sets options on a copy of a predefined config without running __post_init__.
+        self.validate()
+        canonical: dict[str, Any] = {}
+        for key, value in config_kwargs.items():
+            if key in OUTPUT_NEUTRAL_OPTIONS:
+                continue
+            if key in ("splits", "disallowed_header_directives"):
+                value = _as_str_tuple(key, value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            if key in _DEFAULTS and value == _DEFAULTS[key]:
+                continue
+            canonical[key] = value
+        config_id: str = super().create_config_id(canonical, custom_features)
+        return config_id
+
+    def __eq__(self, other: object) -> bool:
+        # Equal when the output is: datasets rejects a config that shares a predefined name
+        # but differs from it, and politeness options must not make it differ.
+        if not isinstance(other, GaiaConfig):
+            return NotImplemented
+        names = (set(vars(self)) | set(vars(other))) - OUTPUT_NEUTRAL_OPTIONS
+        return all(getattr(self, name, None) == getattr(other, name, None) for name in names)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def image_mode(self) -> str | None:
@@ -222,6 +256,33 @@ class GaiaConfig(datasets.BuilderConfig):
         values = {name: getattr(self, name) for name in names}
         return FetchOptions(state_dir=state_dir, **values)
 
+
+# Options that change how rows are fetched but not the rows that come out.
+OUTPUT_NEUTRAL_OPTIONS = frozenset(
+    {
+        "max_in_flight",
+        "max_connections_per_host",
+        "max_requests_per_second_per_host",
+        "rate_burst",
+        "max_retries",
+        "backoff_initial",
+        "backoff_max",
+        "max_retry_after",
+        "connect_timeout",
+        "read_timeout",
+        "attempt_timeout",
+        "fetch_cache_dir",
+        "use_fetch_cache",
+        "num_shards",
+        "prefetch",
+    }
+)
+
+_DEFAULTS = {
+    item.name: item.default
+    for item in dataclasses.fields(GaiaConfig)
+    if item.default is not dataclasses.MISSING
+}
 
 OPTION_NAMES = frozenset(_field_names(GaiaConfig) - _field_names(datasets.BuilderConfig))
 

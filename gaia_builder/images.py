@@ -1,6 +1,6 @@
-"""Decoding, resizing and encoding of fetched images, as img2dataset 1.47 did for the GAIA paper.
+"""Decoding, resizing and encoding of fetched images, following img2dataset 1.47.
 
-The GAIA authors built their images with img2dataset: ``resize_mode="keep_ratio"``,
+The GAIA authors built their images with img2dataset, setting ``resize_mode="keep_ratio"``,
 ``image_size=512`` and PNG at zlib level 9. :func:`process_image` reproduces its output sizes
 exactly and its pixels closely (see ``benchmarks/fidelity.py``), with Pillow in place of OpenCV:
 
@@ -45,31 +45,33 @@ __all__ = ["DRAFT_MARGIN", "ProcessedImage", "process_image"]
 # or made of text (XBM, XPM) could misread an error page as an image.
 DECODED_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "WEBP", "BMP", "JPEG2000", "AVIF")
 
-# Lowercase names for ProcessedImage.format; MPO is a JPEG with extra frames.
+# Lowercase names for ProcessedImage.format where Pillow's name differs. MPO is a JPEG with extra frames.
 _FORMAT_NAMES = {"MPO": "jpeg"}
 
 # A JPEG that shrinks is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps at least
-# DRAFT_MARGIN times the output size. Measured against img2dataset's full decode and INTER_AREA
-# (benchmarks/fidelity.py, synthetic photos 1100-5400 px): margin 1 gives 41-48 dB PSNR and margin 2
-# gives 48-51 dB. A 21600x10800 mosaic still decodes at 1/8 scale.
+# DRAFT_MARGIN times the output size. benchmarks/fidelity.py compared the result with
+# img2dataset's full decode on JPEGs with a shorter side of 2048 px or more. Margin 1 gave a
+# median PSNR of 43.1 dB (min 38.0), and margin 2 gave 49.4 dB (min 42.7) for about the same
+# CPU time. A 21600x10800 mosaic still decodes at 1/8 scale.
 DRAFT_MARGIN = 2
 
 WHITE = (255, 255, 255)
 
 # Pillow filters closest to OpenCV's INTER_AREA (img2dataset's filter for shrinking), by shrink
 # factor (source pixels per output pixel), as (upper limit, filter). Pillow's BOX weights whole
-# pixels by whether their centre is covered, not by covered area as INTER_AREA does, so BOX is
-# 31 dB away at a factor of 1.02 and closest only from 5 on. Measured PSNR against
-# cv2.resize(INTER_AREA), opencv-python-headless 4.14 and Pillow 13, on noisy synthetic photos:
-# BILINEAR 43-55 dB, BICUBIC 43-46 dB, HAMMING 44-50 dB, BOX 47-55 dB, each in its range.
+# pixels by whether their centre is covered, not by covered area as INTER_AREA does, so BOX
+# reaches only 31 dB PSNR at a factor of 1.1 and is closest only from 5 on. PSNR against
+# cv2.resize(INTER_AREA) in each filter's range (benchmarks/fidelity.py --filters, OpenCV 4.14,
+# Pillow 13): BILINEAR 48-56 dB, BICUBIC 43-47 dB, HAMMING 46-51 dB, BOX 50-56 dB.
 _SHRINK_FILTERS: tuple[tuple[float, Image.Resampling], ...] = (
     (1.35, Image.Resampling.BILINEAR),
-    (1.7, Image.Resampling.BICUBIC),
+    (1.6, Image.Resampling.BICUBIC),
     (5.0, Image.Resampling.HAMMING),
     (math.inf, Image.Resampling.BOX),
 )
 # img2dataset enlarges with OpenCV's INTER_LANCZOS4 (8x8 taps). Pillow's LANCZOS (6x6 taps) is
-# the closest Pillow filter: 47-48 dB PSNR on the same images.
+# the closest Pillow filter: a median PSNR of 50.5 dB (min 46.6) on the enlarged images of the
+# same benchmark.
 _ENLARGE_FILTER = Image.Resampling.LANCZOS
 
 # EXIF orientations that swap width and height (transpose, 90 and 270 degree rotations).
@@ -91,7 +93,8 @@ _DECODE_EXCEPTIONS: tuple[type[Exception], ...] = (
     struct.error,
 )
 
-# The exceptions with which Pillow's plugin constructors say "not my format" (as in Image.open).
+# Exceptions that Pillow's plugin constructors raise for data in another format. Image.open
+# skips to the next plugin on these too.
 _NOT_THIS_FORMAT: tuple[type[Exception], ...] = (SyntaxError, IndexError, TypeError, struct.error)
 
 # Plugins are registered once, here, so that concurrent calls only read Image.OPEN.
@@ -111,7 +114,7 @@ class ProcessedImage:
 
 
 def process_image(data: bytes, options: ImageOptions, *, source: str = "") -> ProcessedImage:
-    """Decode ``data`` and return the image to store, resized and encoded as ``options`` say.
+    """Decode ``data`` and return the image to store, resized and encoded as set by ``options``.
 
     In mode "resized", the first frame is decoded, turned upright by its EXIF orientation,
     converted to 8-bit RGB or grayscale, resized and encoded. In mode "original", ``data`` is
@@ -190,11 +193,11 @@ def _open(data: bytes, source: str) -> ImageFile.ImageFile:
     prefix = data[:16]
     for format_id in DECODED_FORMATS:
         if format_id not in Image.OPEN:
-            continue  # this Pillow build lacks the plugin (AVIF before Pillow 11.2)
+            continue  # this Pillow version has no such plugin (AVIF in older versions)
         factory, accept = Image.OPEN[format_id]
         accepted = accept(prefix) if accept is not None else True
         if isinstance(accepted, str) or not accepted:
-            continue  # a string says why the plugin cannot open it (a missing codec)
+            continue  # a string is the reason the plugin cannot open it, such as a missing codec
         try:
             return factory(io.BytesIO(data), "")
         except _NOT_THIS_FORMAT:
@@ -377,9 +380,9 @@ def _to_8bit(image: Image.Image, source: str) -> Image.Image:
     if mode == "I" or mode.startswith("I;16"):
         return _scale_integer_samples(image)
     if mode == "F":
-        # NOTE: rejected, not stretched: float samples are physical values (reflectance,
-        # temperature) with no standard mapping to display levels, and img2dataset's output for
-        # them was near-black.
+        # Rejected rather than stretched, because float samples are physical values (reflectance,
+        # temperature) with no standard mapping to display levels. img2dataset's output for them
+        # was near-black.
         message = (
             "32-bit floating-point samples (Pillow mode F) have no standard mapping to 8-bit pixels; "
             "use the 'original' config to keep the file as published"
@@ -389,8 +392,8 @@ def _to_8bit(image: Image.Image, source: str) -> Image.Image:
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:
-    # paste() with a mask gives round(c * a / 255 + 255 - a), img2dataset's alpha matting,
-    # for all 65,536 (colour, alpha) pairs (checked against its NumPy formula).
+    # paste() with a mask gives round(c * a / 255 + 255 - a), img2dataset's alpha matting, for
+    # all 65,536 (colour, alpha) pairs, as tests/test_images.py checks.
     background = Image.new("RGB", image.size, WHITE)
     background.paste(image.convert("RGB"), mask=image.getchannel("A"))
     return background

@@ -32,9 +32,12 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     entries = (str(GUARD_DIR), str(REPO_ROOT), pythonpath)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(entry for entry in entries if entry))
 
+    # Both libraries read these variables once, at import.
     import datasets.config
+    import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub"))
     return root
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from factories import LAYOUTS, image_bytes, record, write_metadata
 from PIL import Image
 from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 import gaia  # noqa: F401  (registers "gaia" with datasets)
 from gaia_builder.errors import ConfigError, RowError
@@ -263,3 +266,79 @@ def test_image_bytes_decode_as_png(httpserver: HTTPServer, tmp_path: Path) -> No
     stored = dataset.cast_column("image", datasets.Image(decode=False))[0]["image"]["bytes"]
 
     assert Image.open(io.BytesIO(stored)).format == "PNG"
+
+
+def cache_dir_of(tmp_path: Path, *args: Any, **options: Any) -> str:
+    return datasets.load_dataset_builder("gaia", *args, cache_dir=str(tmp_path), **options).cache_dir
+
+
+def test_cache_dir_ignores_politeness_options(tmp_path: Path) -> None:
+    """Rate, retry and deadline options change how rows are fetched, not the prepared split."""
+    default = cache_dir_of(tmp_path)
+
+    assert cache_dir_of(tmp_path, max_connections_per_host=1, max_retries=9, prefetch=8) == default
+    assert cache_dir_of(tmp_path, image_size=512, resize_mode="keep_ratio") == default
+    assert cache_dir_of(tmp_path, image_size=256) != default
+    assert cache_dir_of(tmp_path, "original") != default
+
+
+def test_cache_dir_canonical_splits(tmp_path: Path) -> None:
+    as_list = cache_dir_of(tmp_path, splits=["validation"])
+
+    assert cache_dir_of(tmp_path, splits=("validation",)) == as_list
+    assert cache_dir_of(tmp_path, splits="validation") == as_list
+    assert as_list != cache_dir_of(tmp_path)
+
+
+def test_direct_builder_shares_cache(tmp_path: Path) -> None:
+    """The CLI builds Gaia directly; it must land in the cache load_dataset reads."""
+    from gaia_builder.builder import Gaia
+
+    direct = Gaia(config_name="default", cache_dir=str(tmp_path), splits=("validation",))
+
+    assert direct.cache_dir == cache_dir_of(tmp_path, splits=["validation"])
+
+
+class ConcurrencyProbe:
+    """A request handler that holds each response briefly and records the peak concurrency."""
+
+    def __init__(self, body: bytes, hold: float) -> None:
+        self.body = body
+        self.hold = hold
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+        self.never_set = threading.Event()
+
+    def __call__(self, request: Request) -> Response:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            self.never_set.wait(self.hold)  # server-side latency, so that requests overlap
+            return Response(self.body, content_type="image/png")
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_num_proc_keeps_host_cap(tmp_path: Path) -> None:
+    """Two worker processes together never hold more than max_connections_per_host requests."""
+    probe = ConcurrencyProbe(image_bytes((300, 300)), hold=0.05)
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.expect_request(re.compile("/img/.*")).respond_with_handler(probe)
+    server.start()
+    try:
+        records = [record(number, server.url_for(f"/img/{number}.png")) for number in range(24)]
+        metadata = write_metadata(tmp_path / "val.json", records, "records")
+        options = {**fast_options(tmp_path), "max_connections_per_host": 2, "num_shards": 4}
+
+        dataset = datasets.load_dataset(
+            "gaia", split="validation", data_files={"validation": str(metadata)}, num_proc=2, **options
+        )
+    finally:
+        server.stop()
+
+    assert [row["id"] for row in dataset] == [source["id"] for source in records]
+    assert all(error is None for error in dataset["error"])
+    assert 1 <= probe.peak <= 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from factories import image_bytes, record, write_metadata
+from hub_stub import HubStub, closed_port_endpoint, point_hub_at
 from pytest_httpserver import HTTPServer
 
 from gaia_builder.cli import main
@@ -63,8 +64,7 @@ def test_prepare_again_uses_cache(httpserver: HTTPServer, tmp_path: Path) -> Non
     metadata = write_metadata(tmp_path / "val.json", [record(0, httpserver.url_for("/ok.png"))], "records")
     CliRunner().invoke(main, prepare_args(tmp_path, metadata))
 
-    args = prepare_args(tmp_path, metadata)
-    args[args.index("--max-retries") + 1] = "1"  # other options: a new Arrow build, same fetch cache
+    args = [*prepare_args(tmp_path, metadata), "--image-size", "256"]  # a new Arrow build, same fetch cache
     result = CliRunner().invoke(main, args)
 
     assert result.exit_code == 0, result.output
@@ -103,3 +103,42 @@ def test_infos_counts_splits(tmp_path: Path) -> None:
     assert infos["default"]["splits"]["train"]["num_examples"] == 3
     assert infos["metadata"]["splits"]["validation"]["num_examples"] == 1
     assert "image" not in infos["metadata"]["features"]
+
+
+def test_prepare_from_hub_stub(
+    httpserver: HTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no data flags, prepare reads the metadata from the Hub (here a loopback stand-in)."""
+    httpserver.expect_request("/ok.png").respond_with_data(image_bytes((500, 500)), content_type="image/png")
+    httpserver.expect_request("/gone.png").respond_with_data("gone", status=404)
+    files = {
+        name: json.dumps(
+            [record(0, httpserver.url_for("/ok.png")), record(1, httpserver.url_for("/gone.png"))]
+        ).encode()
+        for name in ("train_data.json", "val_data.json", "test_data.json")
+    }
+    monkeypatch.chdir(tmp_path)
+
+    with HubStub("azavras/GAIA", files) as hub:
+        hub.point_hub_at(monkeypatch)
+        result = CliRunner().invoke(main, ["prepare", "--split", "validation", *FAST_FLAGS])
+
+    assert result.exit_code == 0, result.output
+    assert "validation: 2 rows, 1 ok, 1 failed" in result.output
+    assert hub.requests_for("val_data.json")
+    assert not hub.requests_for("train_data.json")
+    failures = (tmp_path / "gaia-failures-default.jsonl").read_text().splitlines()
+    assert len(failures) == 1
+    assert json.loads(failures[0])["error"].startswith("http_404: ")
+
+
+def test_prepare_without_hub_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Hub unreachable, prepare fails fast and says how to use local metadata."""
+    endpoint = closed_port_endpoint()
+    point_hub_at(monkeypatch, endpoint)
+
+    result = CliRunner().invoke(main, ["prepare", "--split", "validation", "--cache-dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert endpoint.removeprefix("http://") in result.output
+    assert "--data-dir" in result.output

@@ -81,6 +81,12 @@ def area_average(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.rint(rows @ pixels.astype(np.float64) @ columns.T)
 
 
+def rgb_at(image: Image.Image, x: int, y: int) -> tuple[int, ...]:
+    pixel = image.getpixel((x, y))
+    assert isinstance(pixel, tuple), f"expected an RGB pixel, got {pixel!r}"
+    return pixel
+
+
 def flat(size: tuple[int, int], color: int | tuple[int, ...] = 90, mode: str = "L") -> Image.Image:
     return Image.new(mode, size, color)
 
@@ -91,7 +97,7 @@ def flat(size: tuple[int, int], color: int | tuple[int, ...] = 90, mode: str = "
 # least 1. Each expected size below was worked out by hand from that rule.
 
 SIZE_TABLE = [
-    # resize_mode, source size, expected output size; the arithmetic for the rounded side
+    # resize_mode, source size, expected output size, and the arithmetic for the rounded side
     ("keep_ratio", (1024, 768), (683, 512)),  # 1024 * 512 / 768 = 682.67
     ("keep_ratio", (768, 1024), (512, 683)),
     ("keep_ratio", (1025, 1024), (512, 512)),  # 512.5 rounds to even 512
@@ -222,6 +228,18 @@ def test_rgba_composited_on_white() -> None:
     assert result.getpixel((1, 0)) == (177, 147, 227)
 
 
+def test_alpha_matting_all_pairs() -> None:
+    """Every (colour, alpha) pair gives img2dataset's NumPy result exactly."""
+    color, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = np.stack([color, 255 - color, color // 2, alpha], axis=-1).astype(np.uint8)
+    pixels = rgba[..., :3].astype(np.float64)
+    expected = np.rint(np.clip(alpha[..., None] / 255 * pixels + 255 - alpha[..., None], 0, 255))
+
+    result = decode(process(encode(Image.fromarray(rgba, "RGBA"), "PNG"), resize_mode="no"))
+
+    assert np.array_equal(np.asarray(result), expected.astype(np.uint8))
+
+
 def test_la_composited_on_white() -> None:
     image = Image.merge("LA", [flat((4, 4), 0), flat((4, 4), 0)])
     image.putpixel((3, 3), (0, 255))
@@ -344,8 +362,8 @@ def test_exif_rotated_jpeg_upright() -> None:
 
     assert (result.width, result.height) == (300, 400)
     assert (result.original_width, result.original_height) == (300, 400)
-    assert output.getpixel((250, 50))[0] > 200
-    assert output.getpixel((50, 50))[2] > 200
+    assert rgb_at(output, 250, 50)[0] > 200  # red, top right
+    assert rgb_at(output, 50, 50)[2] > 200  # blue, top left
 
 
 def test_exif_rotated_jpeg_resized_upright() -> None:
@@ -383,7 +401,7 @@ def frames() -> list[Image.Image]:
 def test_first_frame_decoded(image_format: str, params: dict[str, Any]) -> None:
     first, *others = frames()
     data = encode(first, image_format, save_all=True, append_images=others, duration=100, **params)
-    assert Image.open(io.BytesIO(data)).n_frames == 3  # the source really has three frames
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3  # the source has three frames
 
     result = decode(process(data, resize_mode="no"))
 
@@ -493,7 +511,7 @@ def test_lossy_quality_changes_size(encode_format: str) -> None:
     high = process(data, encode_format=encode_format, encode_quality=95)
 
     assert low.format == encode_format
-    assert decode(low).format.lower() == encode_format
+    assert (decode(low).format or "").lower() == encode_format
     assert len(low.data) < len(high.data)
 
 
@@ -598,7 +616,8 @@ def png_of_zeros(width: int, height: int) -> bytes:
 def test_huge_png_rejected_before_decoding(tmp_path: Path) -> None:
     """A 20000x10000 PNG (200 Mpx) over max_pixels costs under 50 MiB: only its header is read.
 
-    It is also over Pillow's own 179 Mpx decompression-bomb limit, which must not be what answers.
+    It is also over Pillow's own 179 Mpx decompression-bomb limit, so the error must come from
+    gaia's max_pixels check, not from Pillow.
     """
     path = tmp_path / "huge.png"
     path.write_bytes(png_of_zeros(20_000, 10_000))
