@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,10 @@ _VERSION = datasets.Version("1.0.0")
 # With this many shards per split, DataLoader workers and nodes of a streaming run each get
 # their own rows, and num_proc can spread a build over processes.
 DEFAULT_NUM_SHARDS = 16
+
+# Set by torchrun and accelerate in every process they start: the number of processes of a
+# distributed run, which split_dataset_by_node is usually given.
+WORLD_SIZE_ENV = "WORLD_SIZE"
 
 # Set by the CLI: each generator call writes its counts there as JSON, so that a run over
 # several processes can be summarised.
@@ -123,8 +128,11 @@ class Gaia(datasets.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
-        files = self._metadata_files(streaming=isinstance(dl_manager, StreamingDownloadManager))
-        num_shards = self.config.num_shards or DEFAULT_NUM_SHARDS
+        streaming = isinstance(dl_manager, StreamingDownloadManager)
+        files = self._metadata_files(streaming=streaming)
+        num_shards = self.config.num_shards or default_num_shards()
+        if streaming:
+            _warn_if_nodes_share_shards(num_shards)
         return [
             datasets.SplitGenerator(
                 name=split,
@@ -201,6 +209,40 @@ class Gaia(datasets.GeneratorBasedBuilder):
             image_options=self.config.image_options(),
             cache=cache,
             prefetch=self.config.prefetch,
+        )
+
+
+def _world_size() -> int:
+    text = os.environ.get(WORLD_SIZE_ENV, "")
+    try:
+        return max(int(text), 1) if text else 1
+    except ValueError:
+        logger.warning("ignoring %s=%r: expected a whole number of processes", WORLD_SIZE_ENV, text)
+        return 1
+
+
+def default_num_shards() -> int:
+    """Return DEFAULT_NUM_SHARDS rounded up to a multiple of ``WORLD_SIZE`` when it is set.
+
+    ``split_dataset_by_node`` hands each node whole shards only when the number of shards is a
+    multiple of the world size. Otherwise every node reads every row and keeps one in world
+    size, so every node would fetch every image.
+    """
+    world_size = _world_size()
+    return math.ceil(DEFAULT_NUM_SHARDS / world_size) * world_size
+
+
+def _warn_if_nodes_share_shards(num_shards: int) -> None:
+    world_size = _world_size()
+    if num_shards % world_size:
+        logger.warning(
+            "num_shards=%d is not a multiple of %s=%d, so split_dataset_by_node would make every "
+            "node fetch every image; set num_shards to a multiple of %d, or pass strategy='shards' "
+            "to split_dataset_by_node",
+            num_shards,
+            WORLD_SIZE_ENV,
+            world_size,
+            world_size,
         )
 
 

@@ -28,9 +28,14 @@ ERROR_CLASSES: dict[str, str] = {
     "too_large": "the body is larger than max_bytes",
     "robots_disallowed": "X-Robots-Tag carries a directive listed in disallowed_header_directives",
     "not_an_image": "the body is not an image (for example an HTML page served with 200)",
-    "unsupported_format": "an image format that Pillow cannot decode here (SVG, HEIC, unknown)",
+    "unsupported_format": (
+        "an image format or pixel type that gaia cannot decode or convert (SVG, HEIC, float samples, unknown)"
+    ),
     "decode_error": "the image is truncated or corrupt",
-    "too_many_pixels": "width x height exceeds max_pixels",
+    "too_many_pixels": (
+        "the pixels to decode (after JPEG DCT reduction) exceed max_pixels, or Pillow's "
+        "Image.MAX_IMAGE_PIXELS in GIF and TIFF"
+    ),
 }
 
 HTTP_STATUS_CLASS = re.compile(r"http_[1-5][0-9]{2}")

@@ -17,7 +17,7 @@ gaia deliberately differs from img2dataset in four ways. It applies EXIF orienta
 16-bit samples to 8 bits by their range, where img2dataset kept 16-bit grayscale as is. It
 rejects float samples. It decodes large JPEGs at a reduced DCT scale (see DRAFT_MARGIN).
 
-Decoding is strict: a truncated or corrupt file raises ImageError("decode_error"). Pillow
+Decoding is strict: a truncated or corrupt file raises ImageError("decode_error"). Pillow (13)
 releases the GIL while it decodes, resizes and encodes, so process_image can run in a thread
 pool. It shares no mutable state and changes no Pillow global.
 """
@@ -118,9 +118,9 @@ def process_image(data: bytes, options: ImageOptions, *, source: str = "") -> Pr
 
     In mode "resized", the first frame is decoded, turned upright by its EXIF orientation,
     converted to 8-bit RGB or grayscale, resized and encoded. In mode "original", ``data`` is
-    returned untouched. It is still decoded in full (JPEG at 1/8 scale, which still reads every
-    byte) so that a truncated or corrupt file becomes a row error here, not an exception in the
-    user's training loop.
+    returned untouched. It is still decoded (a JPEG at 1/8 scale, which still reads every byte)
+    so that a truncated or corrupt file becomes a row error here, not an exception in the user's
+    training loop.
 
     ``max_pixels`` caps the pixels decoded, which bounds memory: for a JPEG that cap applies after
     the DCT-scale reduction.
@@ -202,6 +202,8 @@ def _open(data: bytes, source: str) -> ImageFile.ImageFile:
             return factory(io.BytesIO(data), "")
         except _NOT_THIS_FORMAT:
             continue
+        except Image.DecompressionBombError as err:
+            raise _pillow_limit_error(err, source) from err
         except _DECODE_EXCEPTIONS as err:
             raise _error("decode_error", f"invalid {format_id} header: {err}", source) from err
 
@@ -336,14 +338,16 @@ def _load(image: ImageFile.ImageFile, source: str) -> None:
     try:
         image.load()
     except Image.DecompressionBombError as err:
-        # Pillow's TIFF and GIF decoders check Image.MAX_IMAGE_PIXELS again while loading.
-        raise _error(
-            "too_many_pixels",
-            f"{err} Pillow's process-wide limit Image.MAX_IMAGE_PIXELS is lower than max_pixels; raise it",
-            source,
-        ) from err
+        raise _pillow_limit_error(err, source) from err
     except _DECODE_EXCEPTIONS as err:
         raise _error("decode_error", f"{image.format} image is truncated or corrupt: {err}", source) from err
+
+
+def _pillow_limit_error(err: Image.DecompressionBombError, source: str) -> ImageError:
+    # Pillow's GIF, TIFF and MPO plugins check Image.MAX_IMAGE_PIXELS themselves, for frames
+    # larger than the declared size and while loading.
+    message = f"{err} Pillow's process-wide limit Image.MAX_IMAGE_PIXELS is lower than max_pixels; raise it"
+    return _error("too_many_pixels", message, source)
 
 
 def _orientation(image: Image.Image) -> int:

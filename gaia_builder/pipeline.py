@@ -100,7 +100,8 @@ class RowPipeline:
         fetch_options: politeness, retry and deadline settings.
         image_options: how fetched bytes become the stored image.
         cache: the per-URL cache; None fetches everything and stores nothing.
-        prefetch: rows in progress at once; it bounds memory whatever the number of rows.
+        prefetch: rows in progress at once, the row last yielded included; it bounds memory
+            whatever the number of rows.
         resolver_factory: builds the aiohttp resolver inside the event loop (tests inject one).
         workers: threads for decoding, resizing and encoding; defaults to the number of CPUs.
     """
@@ -146,9 +147,12 @@ class RowPipeline:
             refill()
             while pending:
                 outcome = pending.popleft().result()
-                refill()
                 self.stats.add(outcome)
                 yield outcome
+                # Refilled only once the consumer asks for the next row: the rows in progress
+                # and the row it holds are then at most ``prefetch``, and a consumer that stops
+                # after n rows has started at most prefetch + n - 1.
+                refill()
         finally:
             for future in pending:
                 future.cancel()

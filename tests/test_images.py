@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, features
 
 from gaia_builder.config import ImageOptions
 from gaia_builder.errors import ImageError, RowError
@@ -410,9 +410,20 @@ def test_first_frame_decoded(image_format: str, params: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("image_format", "name"),
-    [("JPEG", "jpeg"), ("PNG", "png"), ("GIF", "gif"), ("TIFF", "tiff"), ("WEBP", "webp"), ("BMP", "bmp")],
+    [
+        ("JPEG", "jpeg"),
+        ("PNG", "png"),
+        ("GIF", "gif"),
+        ("TIFF", "tiff"),
+        ("WEBP", "webp"),
+        ("BMP", "bmp"),
+        ("JPEG2000", "jpeg2000"),
+        ("AVIF", "avif"),
+    ],
 )
 def test_source_formats_decode(image_format: str, name: str) -> None:
+    if image_format == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow build has no AVIF codec")
     data = encode(flat((640, 600), (40, 80, 120), "RGB"), image_format)
 
     resized = process(data)
@@ -473,6 +484,19 @@ def test_too_many_pixels() -> None:
 
     assert error.error_class == "too_many_pixels"
     assert "1000x1000" in error.detail
+
+
+def test_gif_frame_over_pillow_limit() -> None:
+    """A 1x1 GIF whose frame claims 20000x10000 px trips Pillow's own limit while opening."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 20_000, 10_000, 0x80) + bytes(6)
+    pixels = b"\x02\x02\x4c\x01\x00"  # LZW minimum code size, then one sub-block
+    data = screen + frame + pixels + b"\x3b"
+
+    error = row_error(data)
+
+    assert error.error_class == "too_many_pixels"
+    assert "MAX_IMAGE_PIXELS" in error.detail
 
 
 def test_max_pixels_counts_drafted_jpeg_pixels() -> None:
