@@ -15,7 +15,7 @@ from gaia_builder.features import METADATA_FIELDS
 LAYOUTS = ("records", "columns", "index", "jsonl")
 
 
-def record(number: int, image_src: str, **overrides: Any) -> dict[str, Any]:
+def record(number: int, image_src: str | None, **overrides: Any) -> dict[str, Any]:
     """Return one GAIA metadata record with plausible values; keys in the file's own order."""
     values: dict[str, Any] = {
         "id": f"storm-{number:03d}-reaches-western-europe",
