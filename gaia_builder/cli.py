@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Help text of every builder option exposed as a flag. The flag is the option name with dashes.
 OPTION_HELP: dict[str, str] = {
-    "repo_id": "Hub dataset repository holding the metadata files.",
+    "metadata_repo_id": "Hub dataset repository that contains the metadata files.",
     "revision": "Branch, tag or commit of the metadata repository.",
     "image_size": "Target size in pixels for the resize mode.",
     "resize_mode": "How images are resized: no, keep_ratio, keep_ratio_largest, center_crop or border.",
@@ -148,10 +149,30 @@ def _parse_data_files(values: Iterable[str]) -> dict[str, str] | None:
                 f"{value!r} is not SPLIT=PATH, for example validation=val_data.json",
                 param_hint="--data-files",
             )
+        if split not in SPLIT_NAMES:
+            raise click.BadParameter(
+                f"{split!r} is not a GAIA split; use one of {', '.join(SPLIT_NAMES)}",
+                param_hint="--data-files",
+            )
         if split in data_files:
             raise click.BadParameter(f"split {split!r} is given twice", param_hint="--data-files")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"file not found for split {split!r}: {path}", param_hint="--data-files")
         data_files[split] = path
     return data_files or None
+
+
+def _data_files_for(split: str, data_files: dict[str, str] | None) -> dict[str, str] | None:
+    # Keys of data_files decide which splits datasets builds, so --split picks one of them.
+    if data_files is None or split == "all":
+        return data_files
+    if split not in data_files:
+        raise click.BadParameter(
+            f"--split {split} has no file; add --data-files {split}=PATH or choose one of "
+            f"{', '.join(data_files)}",
+            param_hint="--data-files",
+        )
+    return {split: data_files[split]}
 
 
 def make_builder(
@@ -170,7 +191,7 @@ def make_builder(
         return Gaia(
             config_name=config_name,
             cache_dir=cache_dir,
-            data_files=_parse_data_files(data_files),
+            data_files=_data_files_for(split, _parse_data_files(data_files)),
             data_dir=data_dir,
             **config_kwargs,
         )
@@ -207,6 +228,19 @@ def main(context: click.Context, verbose: int, quiet: bool) -> None:
     context.obj = {"quiet": quiet}
 
 
+@contextlib.contextmanager
+def _exit_on_failure(builder: Gaia) -> Iterator[None]:
+    """Turn Ctrl-C into exit code 130 with the resume hint, and gaia errors into exit code 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(_interrupted_message(builder), err=True)
+        sys.exit(130)
+    except (GaiaError, OSError) as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @source_options
 @click.option(
@@ -231,26 +265,87 @@ def prepare(
     """Fetch images and build the Arrow cache of one split or all of them."""
     builder = make_builder(config_name, split, data_files, data_dir, cache_dir, options)
     quiet = bool(context.obj["quiet"])
-    stats_dir = tempfile.TemporaryDirectory(prefix="gaia-stats-")
-    try:
-        with stats_dir:
-            _prepare(builder, num_proc, quiet, stats_dir.name)
-            run_stats = _read_run_stats(stats_dir.name)
-    except KeyboardInterrupt:
-        click.echo(
-            "\nInterrupted. Every image fetched so far is kept in the fetch cache; run the same "
-            "command again to resume.",
-            err=True,
-        )
-        sys.exit(130)
-    except GaiaError as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(1)
+    with _exit_on_failure(builder), tempfile.TemporaryDirectory(prefix="gaia-stats-") as stats_dir:
+        _prepare(builder, num_proc, quiet, stats_dir)
+        run_stats = _read_run_stats(stats_dir)
 
     splits = {name: builder.as_dataset(split=name) for name in _selected_splits(builder, split)}
     failures = Path(failures_path or f"gaia-failures-{config_name}.jsonl")
     failed = _write_failures(splits, failures)
     click.echo(_summary(builder, splits, run_stats, failures if failed else None))
+
+
+@main.command()
+@source_options
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["parquet", "webdataset"]),
+    required=True,
+    help="parquet: a folder for the Hub dataset viewer; webdataset: img2dataset-style tar shards.",
+)
+@click.option("--output", "output", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous gaia export in the output folder.")
+@click.option(
+    "--samples-per-shard",
+    "samples_per_shard",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Rows per WebDataset shard.",
+)
+@builder_options
+@click.pass_context
+def export(
+    context: click.Context,
+    split: str,
+    config_name: str,
+    data_files: tuple[str, ...],
+    data_dir: str | None,
+    cache_dir: str | None,
+    num_proc: int | None,
+    export_format: str,
+    output: str,
+    overwrite: bool,
+    samples_per_shard: int,
+    **options: Any,
+) -> None:
+    """Build the splits where needed, then write them as Parquet or WebDataset shards."""
+    from .export import export_parquet, export_webdataset
+
+    builder = make_builder(config_name, split, data_files, data_dir, cache_dir, options)
+    quiet = bool(context.obj["quiet"])
+    with _exit_on_failure(builder):
+        with tempfile.TemporaryDirectory(prefix="gaia-stats-") as stats_dir:
+            _prepare(builder, num_proc, quiet, stats_dir)
+        splits = {name: builder.as_dataset(split=name) for name in _selected_splits(builder, split)}
+        if export_format == "parquet":
+            build_options = {name: value for name, value in options.items() if value is not None}
+            summary = export_parquet(
+                splits, output, config_name=config_name, build_options=build_options, overwrite=overwrite
+            )
+        else:
+            summary = export_webdataset(
+                splits, output, samples_per_shard=samples_per_shard, overwrite=overwrite
+            )
+
+    for name, rows in summary.rows.items():
+        click.echo(f"  {name}: {rows} rows, {summary.rows_with_image.get(name, 0)} with an image")
+    click.echo(
+        f"Wrote {len(summary.files)} files ({summary.num_bytes / 2**20:.1f} MiB) to {summary.output_dir}"
+    )
+
+
+def _interrupted_message(builder: Gaia) -> str:
+    if not builder.config.use_fetch_cache:
+        return (
+            "\nInterrupted. The fetch cache is off (--no-use-fetch-cache), so running the command "
+            "again fetches every image again."
+        )
+    return (
+        "\nInterrupted. Every image fetched so far is kept in the fetch cache; run the same "
+        "command again to resume."
+    )
 
 
 class _Progress:
@@ -335,6 +430,13 @@ def _write_failures(splits: dict[str, datasets.Dataset], path: Path) -> int:
     return count
 
 
+def _host_of(url: str | None) -> str:
+    try:
+        return urlsplit(url or "").hostname or "(no host)"
+    except ValueError:  # for example an unclosed IPv6 bracket, which the row error already reports
+        return "(invalid url)"
+
+
 def _summary(
     builder: Gaia, splits: dict[str, datasets.Dataset], run_stats: dict[str, Any], failures: Path | None
 ) -> str:
@@ -350,17 +452,17 @@ def _summary(
             split_failures += 1
             error_class = RowError.parse(row["error"]).error_class
             by_class[error_class] += 1
-            host = urlsplit(row["image_src"] or "").hostname or "(no host)"
+            host = _host_of(row["image_src"])
             by_host.setdefault(host, Counter())[error_class] += 1
         lines.append(
             f"  {split}: {len(dataset)} rows, {len(dataset) - split_failures} ok, {split_failures} failed"
         )
-    if run_stats["runs"]:
+    if not run_stats["runs"]:
+        lines.append("Reused the prepared Arrow cache: nothing was fetched")
+    elif builder.config.image_mode is not None:
         lines.append(
             f"URLs: {run_stats['from_cache']} answered from the fetch cache, {run_stats['fetched']} requested"
         )
-    else:
-        lines.append("Reused the prepared Arrow cache: nothing was fetched")
     if by_class:
         lines.append("Failures by error class:")
         lines.extend(f"  {name:<20} {count}" for name, count in by_class.most_common())

@@ -46,7 +46,7 @@ DEFAULT_WEBP_QUALITY = 95
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How fetched bytes become the stored image."""
+    """Settings that turn fetched bytes into the stored image."""
 
     mode: str = "resized"  # "resized" or "original"
     image_size: int = 512
@@ -84,7 +84,7 @@ class FetchOptions:
 
     @property
     def row_deadline(self) -> float:
-        """The longest time one URL can hold its row, in seconds, from its first request.
+        """The maximum time one URL can hold its row, in seconds, from its first request.
 
         Each attempt is capped by attempt_timeout and each wait between attempts by the larger
         of backoff_max and max_retry_after. Waiting for a free connection slot before the first
@@ -102,8 +102,9 @@ def _field_names(cls: type) -> set[str]:
 class GaiaConfig(datasets.BuilderConfig):
     """BuilderConfig of the GAIA builder; see the README for every option."""
 
-    # Where the metadata comes from.
-    repo_id: str = HUB_REPO_ID
+    # Where the metadata comes from. Not named repo_id: datasets' builder takes that argument
+    # itself, to name the cache folder, and it would never reach the config.
+    metadata_repo_id: str = HUB_REPO_ID
     revision: str | None = None
     splits: tuple[str, ...] = SPLIT_NAMES
 
@@ -198,8 +199,10 @@ class GaiaConfig(datasets.BuilderConfig):
             raise ConfigError(
                 f"invalid value for splits: it is empty; name one or more of {list(SPLIT_NAMES)}"
             )
-        if not isinstance(self.repo_id, str) or self.repo_id.count("/") != 1:
-            raise ConfigError(f"invalid value for repo_id: {self.repo_id!r}; expected 'owner/name'")
+        if not isinstance(self.metadata_repo_id, str) or self.metadata_repo_id.count("/") != 1:
+            raise ConfigError(
+                f"invalid value for metadata_repo_id: {self.metadata_repo_id!r}; expected 'owner/name'"
+            )
 
         _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
         _check_choice("encode_format", self.encode_format, ENCODE_FORMATS)
@@ -222,9 +225,14 @@ class GaiaConfig(datasets.BuilderConfig):
         for name in ("connect_timeout", "read_timeout", "attempt_timeout", "backoff_max", "max_retry_after"):
             _check_positive(name, getattr(self, name))
         _check_positive("backoff_initial", self.backoff_initial, allow_zero=True)
-        if not isinstance(self.user_agent, str) or not self.user_agent.strip():
+        if (
+            not isinstance(self.user_agent, str)
+            or not self.user_agent.strip()
+            or any(ord(character) < 32 or ord(character) == 127 for character in self.user_agent)
+        ):
             raise ConfigError(
-                f"invalid value for user_agent: {self.user_agent!r}; expected a non-empty string"
+                f"invalid value for user_agent: {self.user_agent!r}; expected a non-empty string "
+                "without control characters such as line breaks"
             )
         for flag in ("resize_only_if_bigger", "use_fetch_cache"):
             if not isinstance(getattr(self, flag), bool):
@@ -233,7 +241,7 @@ class GaiaConfig(datasets.BuilderConfig):
                 )
 
     def image_options(self) -> ImageOptions:
-        """The image settings of this config (meaningless for the metadata config)."""
+        """Return the image settings of this config (the metadata config does not use them)."""
         quality = self.encode_quality
         if quality is None:
             quality = {
@@ -252,7 +260,7 @@ class GaiaConfig(datasets.BuilderConfig):
         )
 
     def fetch_options(self, state_dir: str | None = None) -> FetchOptions:
-        """The fetch settings of this config; ``state_dir`` holds the shared host limits."""
+        """Return the fetch settings of this config; ``state_dir`` is the folder of the shared host limits."""
         names = _field_names(FetchOptions) - {"state_dir"}
         values = {name: getattr(self, name) for name in names}
         return FetchOptions(state_dir=state_dir, **values)

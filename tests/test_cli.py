@@ -142,3 +142,87 @@ def test_prepare_without_hub_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1
     assert endpoint.removeprefix("http://") in result.output
     assert "--data-dir" in result.output
+
+
+@pytest.mark.parametrize("export_format", ["parquet", "webdataset"])
+def test_export_writes_folder(export_format: str, httpserver: HTTPServer, tmp_path: Path) -> None:
+    httpserver.expect_request("/ok.png").respond_with_data(image_bytes((600, 400)), content_type="image/png")
+    httpserver.expect_request("/gone.png").respond_with_data("gone", status=404)
+    records = [record(0, httpserver.url_for("/ok.png")), record(1, httpserver.url_for("/gone.png"))]
+    metadata = write_metadata(tmp_path / "val.json", records, "records")
+    args = prepare_args(tmp_path, metadata)
+    failures_at = args.index("--failures")
+    del args[failures_at : failures_at + 2]
+    args[0] = "export"
+    output = tmp_path / "out"
+
+    result = CliRunner().invoke(main, [*args, "--format", export_format, "--output", str(output)])
+
+    assert result.exit_code == 0, result.output
+    assert "validation: 2 rows, 1 with an image" in result.output
+    if export_format == "parquet":
+        assert (output / "README.md").is_file()
+        assert list((output / "data").glob("validation-*.parquet"))
+    else:
+        assert (output / "validation" / "00000.tar").is_file()
+
+
+def test_export_rejects_non_empty_folder(httpserver: HTTPServer, tmp_path: Path) -> None:
+    metadata = write_metadata(tmp_path / "val.json", [record(0, "ftp://a.test/x.png")], "records")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    args = [
+        "export",
+        "--config",
+        "metadata",
+        "--split",
+        "validation",
+        "--data-files",
+        f"validation={metadata}",
+    ]
+
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "c"), "--format", "parquet",
+                                       "--output", str(output)])  # fmt: skip
+
+    assert result.exit_code == 1
+    assert "notes.txt" in result.output or "not empty" in result.output
+    assert (output / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("data_files", "split", "message"),
+    [
+        ("val=VAL", "all", "'val' is not a GAIA split"),
+        ("validation=MISSING", "validation", "file not found for split 'validation'"),
+        ("test=VAL", "validation", "--split validation has no file"),
+    ],
+)
+def test_data_files_checked_first(data_files: str, split: str, message: str, tmp_path: Path) -> None:
+    """Bad --data-files values are usage errors before any request or build."""
+    metadata = write_metadata(tmp_path / "val.json", [record(0, "https://a.test/x.png")], "records")
+    value = data_files.replace("VAL", str(metadata)).replace("MISSING", str(tmp_path / "missing.json"))
+
+    result = CliRunner().invoke(main, ["prepare", "--split", split, "--data-files", value])
+
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_metadata_config_summary_counts_fresh_build(tmp_path: Path) -> None:
+    metadata = write_metadata(tmp_path / "val.json", [record(0, "https://a.test/x.png")], "records")
+    args = [
+        "prepare",
+        "--config",
+        "metadata",
+        "--split",
+        "validation",
+        "--data-files",
+        f"validation={metadata}",
+    ]
+
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "c")])
+
+    assert result.exit_code == 0, result.output
+    assert "Reused the prepared Arrow cache" not in result.output
+    assert "validation: 1 rows, 1 ok, 0 failed" in result.output
