@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,6 +64,13 @@ WORLD_SIZE_ENV = "WORLD_SIZE"
 # several processes can be summarised.
 STATS_DIR_ENV = "GAIA_STATS_DIR"
 
+# The pipeline runs of each builder that may still be open, closed by Gaia._prepare_split. They
+# live outside the builder because datasets pickles builders for num_proc, and a WeakSet does
+# not pickle.
+_OPEN_RUNS: weakref.WeakKeyDictionary[Gaia, weakref.WeakSet[Generator[RowOutcome, None, None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 class Gaia(datasets.GeneratorBasedBuilder):
     """GAIA: remote-sensing images with five captions each and 13 metadata fields."""
@@ -110,8 +117,8 @@ class Gaia(datasets.GeneratorBasedBuilder):
         for key in config_kwargs:
             if key not in known and key != "config_id":
                 matches = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {matches[0]!r}?" if matches else ""
-                raise ConfigError(f"unknown GAIA option {key!r}{hint} The options are listed in the README.")
+                hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+                raise ConfigError(f"unknown GAIA option {key!r}{hint}; the options are listed in the README")
         builder_config, config_id = super()._create_builder_config(
             config_name, custom_features, **config_kwargs
         )
@@ -161,7 +168,7 @@ class Gaia(datasets.GeneratorBasedBuilder):
             found = local_metadata_files(self.config.data_dir, self.config.splits)
             return {split: [path] for split, path in found.items()}
         downloaded = download_metadata(
-            self.config.repo_id,
+            self.config.metadata_repo_id,
             self.config.splits,
             revision=self.config.revision,
             token=self.token,
@@ -176,14 +183,18 @@ class Gaia(datasets.GeneratorBasedBuilder):
             position for shard, count in shards for position in _shard_range(len(rows), shard, count)
         ]
         if self.config.image_mode is None:
+            stats = PipelineStats()
             for position in positions:
                 row = rows[position]
                 self._report(split, row.error)
+                stats.add(RowOutcome(row, error=row.error))
                 yield position, _metadata_example(row, str(row.error) if row.error else None)
+            _write_stats(split, stats)
             return
 
         pipeline = self._pipeline()
         outcomes = pipeline.run(rows[position] for position in positions)
+        _OPEN_RUNS.setdefault(self, weakref.WeakSet()).add(outcomes)
         try:
             for position, outcome in zip(positions, outcomes, strict=False):
                 self._report(split, outcome.error)
@@ -192,6 +203,17 @@ class Gaia(datasets.GeneratorBasedBuilder):
             outcomes.close()
             _log_stats(split, pipeline.stats)
             _write_stats(split, pipeline.stats)
+
+    def _prepare_split(self, split_generator: datasets.SplitGenerator, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._prepare_split(split_generator, *args, **kwargs)
+        finally:
+            # An exception raised in datasets' code between two rows, such as a Ctrl-C while it
+            # writes one, leaves _generate_examples suspended. The traceback keeps it alive (an
+            # interactive session stores the last one), and with it the pipeline's event loop
+            # thread and HTTP session. Closing the pipeline run stops them now.
+            for run in list(_OPEN_RUNS.pop(self, ())):
+                run.close()
 
     def _report(self, split: str, error: RowError | None) -> None:
         if self.progress_callback is not None:
@@ -282,8 +304,7 @@ def _image_example(outcome: RowOutcome) -> dict[str, Any]:
     example["height"] = image.height if image is not None else None
     example["original_width"] = image.original_width if image is not None else None
     example["original_height"] = image.original_height if image is not None else None
-    has_bytes = fetched is not None and fetched.data is not None
-    example["sha256"] = hashlib.sha256(fetched.data).hexdigest() if has_bytes else None  # type: ignore[union-attr,arg-type]
+    example["sha256"] = outcome.sha256
     example["final_url"] = fetched.final_url if fetched is not None else None
     return example
 
