@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import datasets.config
 
 from . import __version__
-from .errors import RowError, is_error_class
+from .errors import OPTION_DEPENDENT_ERRORS, RowError, is_error_class
 from .fetch import FetchResult
 
 logger = logging.getLogger(__name__)
@@ -94,12 +94,12 @@ class OtherFormatError(ValueError):
 class FetchCache:
     """A folder of fetch outcomes keyed by URL, shared safely by concurrent processes.
 
-    Successes and permanent failures are stored, but transient failures are not, so a later
-    run retries them. Every write is atomic (temporary file in the same folder, fsync, then
-    ``os.replace``), so a process killed at any moment leaves no partial entry behind, at most
-    a temporary file that ``get`` never reads (see ``remove_temporary_files``). Several
-    processes may read and write the same or different URLs at once; when two write the same
-    URL, the last ``os.replace`` wins.
+    Successes and permanent failures are stored. Transient failures and failures that depend on
+    an option (OPTION_DEPENDENT_ERRORS) are not, so a later run retries them. Every write is
+    atomic (temporary file in the same folder, fsync, then ``os.replace``), so a process killed
+    at any moment leaves no partial entry behind, at most a temporary file that ``get`` never
+    reads (see ``remove_temporary_files``). Several processes may read and write the same or
+    different URLs at once; when two write the same URL, the last ``os.replace`` wins.
 
     ``put`` blocks on fsync and ``get`` reads a whole body, so call them from a worker thread
     in async code.
@@ -170,7 +170,7 @@ class FetchCache:
         return True
 
     def put(self, result: FetchResult) -> None:
-        """Store a success or a permanent failure atomically, and ignore a transient failure.
+        """Store a success or a permanent failure atomically; ignore transient and option-dependent failures.
 
         A result with neither data nor an error, or with a header over MAX_HEADER_BYTES, is
         logged at WARNING and not stored. Raises OSError, naming the URL and the folder, when
@@ -179,6 +179,10 @@ class FetchCache:
         """
         if result.transient:
             logger.debug("not caching transient failure of %s: %s", result.url, result.error)
+            return
+        if result.error is not None and result.error.error_class in OPTION_DEPENDENT_ERRORS:
+            # A rerun with the option raised, as the error advises, must fetch the URL again.
+            logger.debug("not caching option-dependent failure of %s: %s", result.url, result.error)
             return
         if result.data is None and result.error is None:
             # This is a bug in the fetcher, but one lost cache entry must not end a build of hours.
@@ -405,6 +409,9 @@ def _check_header(header: dict[str, Any], url: str | None) -> None:
     if header["error_class"] is not None and not is_error_class(header["error_class"]):
         # Renamed or added by another gaia version, so the entry is not damaged, only foreign.
         raise OtherFormatError(f"unknown row error class {header['error_class']!r}")
+    if header["error_class"] in OPTION_DEPENDENT_ERRORS:
+        # Earlier gaia versions stored these failures, but the options may have changed since.
+        raise OtherFormatError(f"option-dependent error class {header['error_class']!r}")
 
 
 def _read_body(file: BinaryIO, header: dict[str, Any]) -> bytes | None:

@@ -6,12 +6,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +39,9 @@ OPTION_HELP: dict[str, str] = {
     "resize_only_if_bigger": "Never enlarge an image smaller than the target.",
     "encode_format": "Format of stored images (default config): png, jpeg or webp.",
     "encode_quality": "PNG zlib level 0-9, or JPEG/WebP quality 1-100.",
-    "max_pixels": "Images with more pixels than this that cannot be decoded reduced fail as too_many_pixels.",
+    "max_pixels": (
+        "Images whose decoded pixels (after JPEG reduction) or resized output exceed this fail as too_many_pixels."
+    ),
     "max_in_flight": "Requests in flight at once in each process.",
     "max_connections_per_host": "Connections to one host at once, shared by all processes.",
     "max_requests_per_second_per_host": "Requests per second to one host, shared by all processes.",
@@ -383,14 +387,50 @@ class _Progress:
             self.bar = None
 
 
+class _Interrupt:
+    """A SIGINT handler that raises KeyboardInterrupt and remembers the signal.
+
+    CPython ignores an exception raised while a weakref callback or a ``__del__`` method runs,
+    so a Ctrl-C that arrives then is lost and the build goes on. ``check`` raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _handle_sigint(handler: _Interrupt) -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _prepare(builder: Gaia, num_proc: int | None, quiet: bool, stats_dir: str) -> None:
     os.environ[STATS_DIR_ENV] = stats_dir
     progress = _Progress(quiet)
+    interrupt = _Interrupt()
+
+    def on_row(split: str, error: RowError | None) -> None:
+        # NOTE: a lost Ctrl-C takes effect only when the next row is done, and never with
+        # num_proc above 1, where no progress callback runs.
+        interrupt.check()
+        progress(split, error)
+
     if num_proc in (None, 1):
-        builder.progress_callback = progress
+        builder.progress_callback = on_row
         datasets.disable_progress_bars()
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("gaia_builder")]):
+        with _handle_sigint(interrupt), logging_redirect_tqdm(loggers=[logging.getLogger("gaia_builder")]):
             builder.download_and_prepare(num_proc=num_proc)
     finally:
         builder.progress_callback = None

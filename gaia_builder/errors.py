@@ -33,12 +33,18 @@ ERROR_CLASSES: dict[str, str] = {
     ),
     "decode_error": "the image is truncated or corrupt",
     "too_many_pixels": (
-        "the pixels to decode (after JPEG DCT reduction) exceed max_pixels, or Pillow's "
-        "Image.MAX_IMAGE_PIXELS in GIF and TIFF"
+        "the pixels to decode (after JPEG DCT reduction) or of the resized image exceed max_pixels, "
+        "or Pillow's Image.MAX_IMAGE_PIXELS in GIF and TIFF"
     ),
 }
 
-HTTP_STATUS_CLASS = re.compile(r"http_[1-5][0-9]{2}")
+# Any status from 100 to 999. RFC 9110 section 15 calls statuses outside 100-599 invalid but
+# notes that 600-999 are used in practice, and aiohttp 3.14 passes on any three digits.
+HTTP_STATUS_CLASS = re.compile(r"http_[1-9][0-9]{2}")
+
+# Row errors that an option causes (max_bytes, disallowed_header_directives, max_redirects), so
+# a run with other options may fetch the image. The fetch cache does not store them.
+OPTION_DEPENDENT_ERRORS = frozenset({"too_large", "robots_disallowed", "too_many_redirects"})
 
 
 def is_error_class(name: str) -> bool:

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
+# Content-Encodings that aiohttp 3.14 decodes while reading; br and zstd need optional packages.
+DECODED_CONTENT_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
 # Body size read per step, in bytes.
 CHUNK_SIZE = 64 * 1024
 
@@ -197,7 +200,9 @@ def parse_retry_after(value: str, *, now: float, date: str | None = None) -> flo
     any offset between the server's clock and ``now``. A date in the past means no pause.
     """
     value = value.strip()
-    if value.isdigit():
+    # delay-seconds is 1*DIGIT, ASCII digits only. str.isdigit() alone also accepts "²", which
+    # float() rejects.
+    if value.isascii() and value.isdigit():
         return float(value)
 
     until = _parse_http_date(value)
@@ -382,7 +387,8 @@ class _Outcome:
 class _RowState:
     """The progress of one fetch() call."""
 
-    url: str
+    url: str  # image_src as given
+    target: yarl.URL  # image_src as parsed and sent, without its fragment
     host: str
     queue_deadline: float  # latest time to send the first request
     deadline: float | None = None  # row deadline, set when the first request is sent
@@ -505,6 +511,7 @@ class Fetcher:
 
         row = _RowState(
             url=url,
+            target=parsed,
             host=host_key(parsed),
             queue_deadline=self._clock.time() + self.options.row_deadline,
         )
@@ -649,7 +656,7 @@ class Fetcher:
         responses[status] = responses.get(status, 0) + 1
         row.final_url = str(url)
         row.content_type = response.headers.get(hdrs.CONTENT_TYPE)
-        requested = _describe_request(row.url, url)
+        requested = _describe_request(row, url)
 
         location = response.headers.get(hdrs.LOCATION)
         if status in REDIRECT_STATUSES and location is not None:
@@ -676,6 +683,12 @@ class Fetcher:
 
     def _http_error_outcome(self, requested: str, key: str, response: aiohttp.ClientResponse) -> _Outcome:
         status = response.status
+        if status < 100:
+            # aiohttp 3.14 accepts any three digits, "000" and "099" included. RFC 9110 section 15
+            # has no status below 100, so the server is broken, as for an unparsable response.
+            detail = f"{requested} failed: invalid HTTP response (status {status:03d})"
+            return _Outcome(host=key, error=RowError("connection_error", detail))
+
         detail = f"{requested} returned {status} {response.reason or _status_phrase(status)}"
         outcome = _Outcome(
             host=key,
@@ -705,10 +718,8 @@ class Fetcher:
         async for chunk in response.content.iter_chunked(CHUNK_SIZE):
             body += chunk
             if len(body) > max_bytes:
-                detail = (
-                    f"{requested} sent more than max_bytes={max_bytes} bytes without a Content-Length; "
-                    f"raise max_bytes to accept it"
-                )
+                reason = _describe_oversized_body(response, max_bytes)
+                detail = f"{requested} {reason}; raise max_bytes to accept it"
                 return _Outcome(host=key, error=RowError("too_large", detail))
 
         data = bytes(body)
@@ -770,10 +781,22 @@ class Fetcher:
         return self._limits
 
 
-def _describe_request(requested: str, url: yarl.URL) -> str:
-    if str(url) == requested:
-        return f"GET {requested}"
-    return f"GET {url} (redirected from {requested})"
+def _describe_request(row: _RowState, url: yarl.URL) -> str:
+    # Compared as parsed URLs, because yarl quotes spaces and non-ASCII characters of image_src.
+    # A redirect back to the first URL ends as redirect_loop, so equal means not redirected.
+    if url == row.target:
+        return f"GET {url}"
+    return f"GET {url} (redirected from {row.url})"
+
+
+def _describe_oversized_body(response: aiohttp.ClientResponse, max_bytes: int) -> str:
+    # Content-Length counts the encoded bytes, so a decoded body can outgrow it.
+    encoding = response.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    if encoding.lower() in DECODED_CONTENT_ENCODINGS:
+        return f"sent more than max_bytes={max_bytes} bytes after decoding its Content-Encoding {encoding}"
+    if response.content_length is None:
+        return f"sent more than max_bytes={max_bytes} bytes without a Content-Length"
+    return f"sent more than max_bytes={max_bytes} bytes"
 
 
 def _status_phrase(status: int) -> str:

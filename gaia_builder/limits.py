@@ -166,7 +166,8 @@ def host_key(url: str | yarl.URL) -> str:
     host = host.lower()
     if ":" in host:
         host = f"[{host}]"
-    port = parsed.explicit_port or DEFAULT_PORTS.get(parsed.scheme, 0)
+    # An explicit port is kept even when it is 0, which is falsy.
+    port = parsed.explicit_port if parsed.explicit_port is not None else DEFAULT_PORTS.get(parsed.scheme, 0)
     return f"{host}:{port}"
 
 

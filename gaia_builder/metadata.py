@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import reprlib
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -114,8 +115,9 @@ class MetadataRow:
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Parse a metadata file in any accepted layout into a list of records.
 
-    Raises MetadataError naming the file when it is missing, empty, not UTF-8, not valid JSON,
-    in an unknown layout, or contains columns of unequal length or records that are not objects.
+    Raises MetadataError naming the file when it is missing, empty, not UTF-8, not valid JSON
+    (integers too long for Python and nesting too deep included), in an unknown layout, or
+    contains columns of unequal length or records that are not objects.
     """
     path = Path(path)
     text = _read_text(path)
@@ -123,7 +125,7 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise MetadataError(f"metadata file {path} is empty; expected {ACCEPTED_LAYOUTS}")
 
     try:
-        document = json.loads(text)
+        document = _parse_json(path, text)
     except json.JSONDecodeError as error:
         # A second top-level value after the first one: JSON Lines.
         if error.msg == "Extra data":
@@ -154,6 +156,32 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def _parse_json(path: Path, text: str, where: str = "") -> Any:
+    """Parse ``text`` with json.loads, raising MetadataError for valid JSON that Python cannot hold.
+
+    That is an integer over Python's digit limit or nesting past its recursion limit.
+    json.JSONDecodeError passes through for the caller to place. ``where`` names the line of a
+    JSON Lines file.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise MetadataError(
+            f"metadata file {path}{where} nests lists or objects deeper than Python's json module can "
+            "parse; GAIA metadata nests at most three levels"
+        ) from None
+    except ValueError:
+        # The one ValueError of json.loads that is not a JSONDecodeError: since Python 3.11 and
+        # 3.10.7, int() rejects more digits than sys.get_int_max_str_digits().
+        raise MetadataError(
+            f"invalid number in metadata file {path}{where}: an integer has more than "
+            f"{sys.get_int_max_str_digits()} digits, Python's limit for converting it. No GAIA field "
+            "holds such a number; fix or remove that value"
+        ) from None
+
+
 def _records_from_json_lines(path: Path, text: str) -> list[dict[str, Any]]:
     records = []
     # Split on "\n" only: str.splitlines would also split on U+2028 and U+2029, which
@@ -162,7 +190,7 @@ def _records_from_json_lines(path: Path, text: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _parse_json(path, line, f" (read as JSON Lines) at line {line_number}")
         except json.JSONDecodeError as error:
             raise MetadataError(
                 f"invalid JSON in metadata file {path} (read as JSON Lines): {error.msg} "
@@ -188,19 +216,26 @@ def _records_from_document(path: Path, document: Any, text: str) -> list[dict[st
     if not document:
         return []
 
+    # Columns when every GAIA field (every key, if none is a GAIA field) is a list or an object.
+    # A single record, by contrast, holds a string or a number in id, image_src or another field.
+    fields = [value for name, value in document.items() if name in _FIELD_SET] or list(document.values())
+    is_columns = all(isinstance(value, (list, dict)) for value in fields)
     values = list(document.values())
-    if all(isinstance(value, list) for value in values):
+    if is_columns and all(isinstance(value, list) for value in values):
         return _records_from_column_lists(path, document)
-    if all(isinstance(value, dict) for value in values):
+    if is_columns and all(isinstance(value, dict) for value in values):
         return _records_from_column_dicts(path, document)
-    if "\n" not in text.strip():
+    if not is_columns and "\n" not in text.strip():
         # A JSON Lines file with a single record.
         return [document]
 
-    kinds = ", ".join(f"{name!r} is {_json_type(value)}" for name, value in list(document.items())[:6])
+    kinds = ", ".join(
+        f"{_value_repr.repr(name)} is {_json_type(value)}" for name, value in list(document.items())[:6]
+    )
     raise MetadataError(
-        f"unknown layout of metadata file {path}: the top-level object mixes columns and other values "
-        f"({kinds}); expected {ACCEPTED_LAYOUTS}"
+        f"unknown layout of metadata file {path}: the top-level object is neither columns of one kind "
+        f"nor a record on one line ({kinds}). Columns must all be lists or all be objects keyed by row "
+        f"number; expected {ACCEPTED_LAYOUTS}"
     )
 
 
@@ -217,7 +252,7 @@ def _records_from_list(path: Path, items: list[Any]) -> list[dict[str, Any]]:
 def _records_from_column_lists(path: Path, columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
     lengths = {name: len(column) for name, column in columns.items()}
     if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{name!r} has {length}" for name, length in lengths.items())
+        listed = ", ".join(f"{_value_repr.repr(name)} has {length}" for name, length in lengths.items())
         raise MetadataError(f"columns of unequal length in metadata file {path}: {listed} values")
 
     row_count = next(iter(lengths.values()))
@@ -229,7 +264,7 @@ def _records_from_column_dicts(path: Path, columns: dict[str, dict[str, Any]]) -
 
     lengths = {name: len(column) for name, column in by_row_number.items()}
     if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{name!r} has {length}" for name, length in lengths.items())
+        listed = ", ".join(f"{_value_repr.repr(name)} has {length}" for name, length in lengths.items())
         raise MetadataError(f"columns of unequal length in metadata file {path}: {listed} values")
 
     first_name, first_column = next(iter(by_row_number.items()))
@@ -238,8 +273,9 @@ def _records_from_column_dicts(path: Path, columns: dict[str, dict[str, Any]]) -
         if column.keys() != first_column.keys():
             only_here = sorted(column.keys() - first_column.keys())[:MAX_LOGGED_EXAMPLES]
             raise MetadataError(
-                f"columns with different row numbers in metadata file {path}: {name!r} has rows "
-                f"{only_here} that {first_name!r} lacks"
+                f"columns with different row numbers in metadata file {path}: "
+                f"{_value_repr.repr(name)} has rows {_value_repr.repr(only_here)} "
+                f"that {_value_repr.repr(first_name)} lacks"
             )
 
     return [{name: column[row] for name, column in by_row_number.items()} for row in row_numbers]
@@ -253,7 +289,8 @@ def _column_by_row_number(path: Path, name: str, column: dict[str, Any]) -> dict
         row = int(key)
         if row in by_row_number:
             raise MetadataError(
-                f"column {name!r} of metadata file {path} has two keys for row {row} (one is {key!r})"
+                f"column {_value_repr.repr(name)} of metadata file {path} has two keys for row {row} "
+                f"(one is {_value_repr.repr(key)})"
             )
         by_row_number[row] = value
     return by_row_number
@@ -261,8 +298,9 @@ def _column_by_row_number(path: Path, name: str, column: dict[str, Any]) -> dict
 
 def _non_integer_key_message(path: Path, name: str, key: str, column: dict[str, Any]) -> str:
     message = (
-        f"column {name!r} of metadata file {path} is an object with the non-integer key {key!r}; "
-        f"an object of columns must map row numbers to values. Expected {ACCEPTED_LAYOUTS}"
+        f"column {_value_repr.repr(name)} of metadata file {path} is an object with the non-integer key "
+        f"{_value_repr.repr(key)}; an object of columns must map row numbers to values. "
+        f"Expected {ACCEPTED_LAYOUTS}"
     )
     if _ROW_KEY.fullmatch(name) and _FIELD_SET & column.keys():
         message += (
@@ -321,9 +359,25 @@ def _check_value(name: str, value: Any) -> tuple[Any, str | None]:
 
 
 def _check_string(value: Any) -> tuple[str | None, str | None]:
-    if isinstance(value, str):
-        return value, None
-    return None, f"expected a string, got {_describe_value(value)}"
+    if not isinstance(value, str):
+        return None, f"expected a string, got {_describe_value(value)}"
+    problem = _utf8_problem(value)
+    if problem is not None:
+        return None, f"not encodable as UTF-8: {_value_repr.repr(value)} {problem}"
+    return value, None
+
+
+def _utf8_problem(text: str) -> str | None:
+    """Describe why ``text`` cannot be stored as UTF-8, or return None when it can.
+
+    A JSON escape of half a UTF-16 surrogate pair, such as "\\ud800" alone, gives a str that
+    Python holds but that no UTF-8 writer, Arrow's included, accepts.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"has an unpaired surrogate U+{ord(text[error.start]):04X} at character {error.start}"
+    return None
 
 
 def _check_float(value: Any) -> tuple[float | None, str | None]:
@@ -337,7 +391,7 @@ def _check_float(value: Any) -> tuple[float | None, str | None]:
         # The column is float64, so an integer that float64 cannot hold exactly is rejected.
         if converted is not None and converted == value:
             return converted, None
-        return None, f"expected a number that fits float64, got {value}"
+        return None, f"expected a number that fits float64, got {_value_repr.repr(value)}"
     return None, f"expected a number, got {_describe_value(value)}"
 
 
@@ -347,6 +401,9 @@ def _check_string_list(value: Any) -> tuple[list[str] | None, str | None]:
     for position, item in enumerate(value):
         if not isinstance(item, str):
             return None, (f"expected a list of strings, got {_describe_value(item)} at position {position}")
+        problem = _utf8_problem(item)
+        if problem is not None:
+            return None, f"not encodable as UTF-8: {_value_repr.repr(item)} at position {position} {problem}"
     return value, None
 
 
@@ -382,7 +439,7 @@ def _url_problem(url: str) -> str | None:
         return f"{quoted} is not a valid URL ({error})"
 
     if parsed.scheme not in ("http", "https"):
-        scheme = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
+        scheme = f"scheme {_value_repr.repr(parsed.scheme)}" if parsed.scheme else "no scheme"
         return f"{quoted} has {scheme}; expected an absolute http or https URL"
     # yarl accepts a host with spaces in it, and no server can be found under such a name.
     if not parsed.host or any(character.isspace() for character in parsed.host):
@@ -426,7 +483,8 @@ def _log_extra_keys(source: str, records: list[dict[str, Any]]) -> None:
         extra_keys.update(record.keys() - _FIELD_SET)
     if extra_keys:
         listed = ", ".join(
-            f"{key!r} (in {count} of {len(records)} rows)" for key, count in extra_keys.most_common()
+            f"{_value_repr.repr(key)} (in {count} of {len(records)} rows)"
+            for key, count in extra_keys.most_common()
         )
         logger.info("%s: ignoring keys that are not GAIA metadata fields: %s", source, listed)
 
@@ -461,7 +519,7 @@ def _log_duplicate_ids(rows: list[MetadataRow]) -> None:
         return
 
     examples = "; ".join(
-        f"{row_id!r} at "
+        f"{_value_repr.repr(row_id)} at "
         + ", ".join(f"{os.path.basename(row.source)} row {row.index}" for row in found[:MAX_LOGGED_EXAMPLES])
         for row_id, found in list(duplicates.items())[:MAX_LOGGED_EXAMPLES]
     )

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from gaia_builder.cache import CACHE_FORMAT, CacheStats, FetchCache, default_cache_dir, sha256_hex, url_key
-from gaia_builder.errors import RowError
+from gaia_builder.errors import OPTION_DEPENDENT_ERRORS, RowError
 from gaia_builder.fetch import FetchResult
 
 # Every wait on another process gives up after this many seconds.
@@ -210,6 +210,30 @@ def test_transient_failure_keeps_entry(cache: FetchCache) -> None:
     cache.put(failure(url, RowError("timeout", "read timed out"), transient=True))
 
     assert cache.get(url) == stored
+
+
+@pytest.mark.parametrize("error_class", sorted(OPTION_DEPENDENT_ERRORS))
+def test_option_dependent_failure_not_stored(cache: FetchCache, error_class: str) -> None:
+    """A failure that another max_bytes, max_redirects or directive list may avoid is not stored."""
+    url = "http://127.0.0.1/big.png"
+    cache.put(failure(url, RowError(error_class, "depends on an option")))
+
+    assert cache.get(url) is None
+    assert entry_files(cache.root) == []
+
+
+def test_option_dependent_entry_ignored(cache: FetchCache) -> None:
+    """An entry of too_large, as older versions stored, is read as absent and so fetched again."""
+    url = "http://127.0.0.1/big.png"
+    cache.put(failure(url, RowError("http_404", "404 Not Found")))
+    path = cache.entry_path(url)
+    header_line, _, body = path.read_bytes().partition(b"\n")
+    header = json.loads(header_line)
+    header["error_class"] = "too_large"
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+    assert cache.get(url) is None
+    assert url not in cache
 
 
 def test_put_replaces_entry(cache: FetchCache) -> None:

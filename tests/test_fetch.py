@@ -13,6 +13,7 @@ import contextlib
 import email.utils
 import functools
 import gc
+import gzip
 import io
 import logging
 import pickle
@@ -21,7 +22,7 @@ import socket
 import struct
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ from gaia_builder.limits import Clock, HostLimits, SystemClock, VirtualClock, ho
 
 # Seconds allowed beyond a computed bound for scheduling on a busy 2-core CI machine.
 SLACK = 0.5
+
+# Seconds a raw test server waits for a request head before it gives up on the connection.
+RAW_SERVER_READ_TIMEOUT = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -418,6 +422,56 @@ async def test_fetch_final_client_error(tmp_path: Path, status: int, phrase: str
     assert clock.sleeps == []
 
 
+@contextlib.asynccontextmanager
+async def raw_server(response: bytes) -> AsyncIterator[str]:
+    """Send ``response`` verbatim after each request head, close, and yield the base URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_SERVER_READ_TIMEOUT)
+            writer.write(response)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("status", ["000", "099"])
+@asyncio_test
+async def test_fetch_status_below_100(tmp_path: Path, status: str) -> None:
+    """aiohttp passes on a status of "000" or "099", and the row fails as an invalid response."""
+    options = make_options(tmp_path, max_retries=2)
+    response = f"HTTP/1.1 {status} Odd\r\nContent-Length: 0\r\n\r\n".encode()
+    async with raw_server(response) as base, Fetcher(options) as fetcher:
+        result = await fetcher.fetch(f"{base}/x.jpg")
+
+    assert result.error is not None
+    assert result.error.error_class == "connection_error"
+    assert f"status {status}" in result.error.detail
+    assert result.attempts == 1
+    assert result.transient is False
+
+
+@asyncio_test
+async def test_fetch_status_over_599(tmp_path: Path) -> None:
+    """A status of 600-999, outside RFC 9110's range but sent by some servers, gets its own http_ class."""
+    response = b"HTTP/1.1 999 Request Denied\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(response) as base, Fetcher(make_options(tmp_path)) as fetcher:
+        result = await fetcher.fetch(f"{base}/x.jpg")
+
+    assert result.error is not None
+    assert result.error.error_class == "http_999"
+    assert result.error.detail == f"GET {base}/x.jpg returned 999 Request Denied"
+
+
 # Deadlines and broken connections.
 
 
@@ -721,6 +775,30 @@ async def test_fetch_redirect_chain(tmp_path: Path) -> None:
 
 
 @asyncio_test
+async def test_fetch_error_names_redirect(tmp_path: Path) -> None:
+    """An error after a redirect names the URL that failed and the image_src it came from."""
+    async with LoopbackServer() as server, Fetcher(make_options(tmp_path)) as fetcher:
+        server.add("/a b.jpg", redirect("/gone.jpg"))
+        result = await fetch_beside_good(fetcher, server, server.url("/a b.jpg"))
+
+    assert result.error is not None
+    assert result.error.error_class == "http_404"
+    assert result.error.detail.startswith(f"GET {server.url('/gone.jpg')} (redirected from ")
+    assert f"(redirected from {server.url('/a b.jpg')})" in result.error.detail
+
+
+@asyncio_test
+async def test_fetch_error_quoted_url_not_redirected(tmp_path: Path) -> None:
+    """A URL that yarl quotes (a space, a non-ASCII letter) is not reported as redirected."""
+    async with LoopbackServer() as server, Fetcher(make_options(tmp_path)) as fetcher:
+        result = await fetch_beside_good(fetcher, server, server.url("/Zürich map.jpg"))
+
+    assert result.error is not None
+    assert result.error.error_class == "http_404"
+    assert result.error.detail == f"GET {server.url('/Z%C3%BCrich%20map.jpg')} returned 404 Not Found"
+
+
+@asyncio_test
 async def test_fetch_redirect_loop(tmp_path: Path) -> None:
     options = make_options(tmp_path, max_redirects=10, max_retries=2)
     async with LoopbackServer() as server, Fetcher(options) as fetcher:
@@ -791,6 +869,22 @@ async def test_fetch_oversized_body(tmp_path: Path, chunked: bool) -> None:
     assert "max_bytes=50000" in result.error.detail
     assert result.attempts == 1
     assert result.transient is False
+
+
+@asyncio_test
+async def test_fetch_oversized_gzip_body(tmp_path: Path) -> None:
+    """A gzip body under max_bytes that decodes to more fails as too_large, naming the encoding."""
+    options = make_options(tmp_path, max_bytes=50_000)
+    compressed = gzip.compress(JPEG + bytes(200_000))
+    async with LoopbackServer() as server, Fetcher(options) as fetcher:
+        server.add("/packed.jpg", respond(compressed, "image/jpeg", headers={"Content-Encoding": "gzip"}))
+        result = await fetch_beside_good(fetcher, server, server.url("/packed.jpg"))
+
+    assert len(compressed) < options.max_bytes
+    assert result.error is not None
+    assert result.error.error_class == "too_large"
+    assert "more than max_bytes=50000 bytes after decoding its Content-Encoding gzip" in result.error.detail
+    assert "Content-Length" not in result.error.detail
 
 
 # URLs that are never requested.
@@ -879,6 +973,8 @@ def test_backoff_delay_jitter_range() -> None:
         ("Wed, 21 Oct 2015 07:28:00 GMT", None, 0.0),
         ("-5", None, None),
         ("soon", None, None),
+        ("\u00b2", None, None),  # superscript two: str.isdigit() is True, float() raises
+        ("\u0661\u0662", None, None),  # Arabic-Indic digits: not the ASCII DIGIT of RFC 9110
     ],
 )
 def test_parse_retry_after(value: str, date: str | None, expected: float | None) -> None:

@@ -508,6 +508,88 @@ def test_max_pixels_counts_drafted_jpeg_pixels() -> None:
     assert (result.width, result.height) == (512, 512)
 
 
+UPSCALE_LIMITS = [
+    # resize_mode, source size, image_size, max_pixels, the oversized image named in the detail
+    ("keep_ratio", (1, 1000), 64, 10_000, "64x64000 = 4,096,000 pixels"),
+    ("keep_ratio_largest", (1000, 1), 5000, 10_000, "5000x5 = 25,000 pixels"),
+    ("center_crop", (1, 1000), 64, 10_000, "64x64000 = 4,096,000 pixels before the centre crop"),
+    ("border", (1000, 1), 300, 50_000, "a 300x300 square of 90,000 pixels after padding"),
+]
+
+
+@pytest.mark.parametrize(
+    ("resize_mode", "size", "image_size", "max_pixels", "expected"),
+    UPSCALE_LIMITS,
+    ids=[case[0] for case in UPSCALE_LIMITS],
+)
+def test_max_pixels_caps_resized_image(
+    resize_mode: str, size: tuple[int, int], image_size: int, max_pixels: int, expected: str
+) -> None:
+    """A small image whose resized, cropped or padded form exceeds max_pixels is rejected."""
+    data = encode(flat(size), "PNG")
+
+    error = row_error(data, resize_mode=resize_mode, image_size=image_size, max_pixels=max_pixels)
+
+    assert error.error_class == "too_many_pixels"
+    assert expected in error.detail
+    assert f"max_pixels {max_pixels:,}" in error.detail
+
+
+def test_max_pixels_allows_resized_image_at_limit() -> None:
+    result = process(encode(flat((10, 15)), "PNG"), image_size=64, max_pixels=64 * 96)
+
+    assert (result.width, result.height) == (64, 96)
+
+
+def test_max_pixels_checked_before_decoding() -> None:
+    """A PNG with damaged pixels that would upscale past max_pixels fails before its pixels are read."""
+    data = bytearray(encode(Image.fromarray(noisy_gray(4, 40)), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 4 : idat + 12] = bytes(8)  # the zlib header and the first compressed bytes
+
+    # 4x40 upscales to 512x5120 = 2,621,440 pixels.
+    assert row_error(bytes(data), max_pixels=3_000_000).error_class == "decode_error"
+    assert row_error(bytes(data), max_pixels=2_000_000).error_class == "too_many_pixels"
+
+
+def png_with_bad_header_checksum() -> bytes:
+    data = bytearray(encode(flat((8, 8)), "PNG"))
+    data[16] ^= 0xFF  # the first byte of the IHDR width, so the chunk's CRC no longer matches
+    return bytes(data)
+
+
+def jpeg_with_precision(bits: int) -> bytes:
+    """Return a JPEG whose SOF0 marker claims samples of ``bits`` bits."""
+    data = bytearray(encode(flat((8, 8)), "JPEG"))
+    data[data.index(b"\xff\xc0") + 4] = bits
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "error_class"),
+    [
+        (png_with_bad_header_checksum(), "decode_error"),
+        (encode(flat((8, 8)), "PNG")[:12], "decode_error"),
+        (encode(flat((8, 8)), "GIF")[:8], "decode_error"),
+        (b"\xff\xd8\xff" + bytes(64), "decode_error"),
+        (encode(flat((8, 8)), "BMP")[:16], "decode_error"),  # cut inside the info header size
+        (jpeg_with_precision(12), "unsupported_format"),
+    ],
+    ids=[
+        "png-checksum",
+        "png-cut-header",
+        "gif-cut-header",
+        "jpeg-no-marker",
+        "bmp-cut-header",
+        "jpeg-12-bit",
+    ],
+)
+def test_damaged_header(data: bytes, error_class: str) -> None:
+    """A decoded format's signature that fails to open is decode_error, unless Pillow names the layout."""
+    assert row_error(data).error_class == error_class
+    assert row_error(data, mode="original").error_class == error_class
+
+
 def test_invalid_option_raises() -> None:
     with pytest.raises(ValueError, match="resize_mode"):
         process(encode(flat((8, 8)), "PNG"), resize_mode="stretch")

@@ -66,6 +66,8 @@ def make_limits(tmp_path: Path, clock: VirtualClock | None = None, **overrides: 
         ("http://images.example.org/a.jpg", "images.example.org:80"),
         ("http://images.example.org:8080/a.jpg", "images.example.org:8080"),
         ("http://[::1]:8081/a.jpg", "[::1]:8081"),
+        ("http://127.0.0.1:0/a.jpg", "127.0.0.1:0"),
+        ("https://images.example.org:80/a.jpg", "images.example.org:80"),
     ],
 )
 def test_host_key(url: str, expected: str) -> None:

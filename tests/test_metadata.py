@@ -152,6 +152,26 @@ def test_read_records_json_lines_single_record(tmp_path: Path) -> None:
     assert read_records(path) == [gaia_record(0)]
 
 
+def test_read_records_one_line_columns(tmp_path: Path) -> None:
+    """A one-line object whose fields are all columns is read as columns, not as one record."""
+    path = tmp_path / "val_data.json"
+    path.write_text('{"id": ["a", "b"], "image_src": ["http://127.0.0.1/a.png", "http://127.0.0.1/b.png"]}')
+
+    assert read_records(path) == [
+        {"id": "a", "image_src": "http://127.0.0.1/a.png"},
+        {"id": "b", "image_src": "http://127.0.0.1/b.png"},
+    ]
+
+
+def test_read_records_one_line_record_of_lists(tmp_path: Path) -> None:
+    """A one-line record whose id is a string stays one record, although its captions are a list."""
+    record = {"id": "x", "captions": ["a", "b", "c", "d", "e"], "tag": ["1", "2", "3"]}
+    path = tmp_path / "val_data.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+    assert read_records(path) == [record]
+
+
 def test_read_records_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "val_data.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([gaia_record(0)]).encode())
@@ -178,6 +198,19 @@ ERROR_CASES = {
     "top_level_string": ('"just a string"', ["unknown layout", "a string", "a list of records"]),
     "top_level_number": ("42", ["unknown layout", "a number", "JSON Lines"]),
     "mixed_object": ('{\n "id": ["a", "b"],\n "version": 2\n}', ["unknown layout", "'version' is a number"]),
+    "one_line_mixed_columns": (
+        '{"id": ["a"], "image_src": {"0": "x"}}',
+        ["unknown layout", "'id' is a list", "'image_src' is an object", "all be lists"],
+    ),
+    "one_line_columns_and_number": (
+        '{"id": {"0": "a"}, "image_src": {"0": "x"}, "version": 2}',
+        ["unknown layout", "'version' is a number"],
+    ),
+    "json_lines_huge_integer": (
+        '{"id": "a"}\n{"id": "b", "lat": ' + "9" * 5000 + "}\n",
+        ["invalid number", "JSON Lines", "line 2", "more than 4300 digits"],
+    ),
+    "json_lines_deep_nesting": ('{"id": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", ["line 2", "nests"]),
     "unequal_lists": (
         '{"id": ["a", "b", "c"], "lat": [1.0, 2.0]}',
         ["unequal length", "'id' has 3", "'lat' has 2"],
@@ -312,6 +345,16 @@ WRONG_TYPES = {
         "expected a list of strings, got null at position 1",
     ),
     "modalities_object": ("modalities", {"0": "Optical"}, "expected a list of strings, got an object"),
+    "image_alt_lone_surrogate": (
+        "image_alt",
+        "broken \ud800 text",
+        "not encodable as UTF-8: 'broken \\ud800 text' has an unpaired surrogate U+D800 at character 7",
+    ),
+    "tag_lone_surrogate": (
+        "tag",
+        ["river", "\udc00"],
+        "not encodable as UTF-8: '\\udc00' at position 1 has an unpaired surrogate U+DC00 at character 0",
+    ),
 }
 
 
@@ -335,6 +378,25 @@ def test_check_row_truncates_long_values() -> None:
 
     assert row.error is not None
     assert len(row.error.detail) < 300
+
+
+def test_check_row_truncates_long_numbers() -> None:
+    row = row_for(gaia_record(0) | {"lat": 10**400})
+
+    assert row.error is not None
+    assert "expected a number that fits float64" in row.error.detail
+    assert len(row.error.detail) < 200
+
+
+def test_check_row_lone_surrogate_id() -> None:
+    """An id with an unpaired surrogate becomes None, and the error detail is valid UTF-8."""
+    row = row_for(gaia_record(0) | {"id": "delta-\ud800"})
+
+    assert row.values["id"] is None
+    assert row.error is not None
+    assert row.error.error_class == "invalid_metadata"
+    assert "(id 'delta-\\ud800')" in row.error.detail
+    assert str(row.error).encode("utf-8")
 
 
 def test_check_row_other_fields_kept_on_error() -> None:
