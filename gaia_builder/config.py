@@ -108,30 +108,31 @@ class GaiaConfig(datasets.BuilderConfig):
     revision: str | None = None
     splits: tuple[str, ...] = SPLIT_NAMES
 
-    # Images.
-    image_size: int = 512
-    resize_mode: str = "keep_ratio"
-    resize_only_if_bigger: bool = False
-    encode_format: str = "png"
+    # Images; the defaults are ImageOptions' own, but encode_quality None picks the default of
+    # the chosen format.
+    image_size: int = ImageOptions.image_size
+    resize_mode: str = ImageOptions.resize_mode
+    resize_only_if_bigger: bool = ImageOptions.resize_only_if_bigger
+    encode_format: str = ImageOptions.encode_format
     encode_quality: int | None = None
-    max_pixels: int = 250_000_000
+    max_pixels: int = ImageOptions.max_pixels
 
-    # Fetching.
-    max_in_flight: int = 16
-    max_connections_per_host: int = 4
-    max_requests_per_second_per_host: float = 4.0
-    rate_burst: int = 4
-    max_retries: int = 5
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    max_retry_after: float = 300.0
-    connect_timeout: float = 20.0
-    read_timeout: float = 60.0
-    attempt_timeout: float = 300.0
-    max_redirects: int = 10
-    max_bytes: int = 256 * 1024 * 1024
-    user_agent: str = DEFAULT_USER_AGENT
-    disallowed_header_directives: tuple[str, ...] = ()
+    # Fetching; the defaults are FetchOptions' own.
+    max_in_flight: int = FetchOptions.max_in_flight
+    max_connections_per_host: int = FetchOptions.max_connections_per_host
+    max_requests_per_second_per_host: float = FetchOptions.max_requests_per_second_per_host
+    rate_burst: int = FetchOptions.rate_burst
+    max_retries: int = FetchOptions.max_retries
+    backoff_initial: float = FetchOptions.backoff_initial
+    backoff_max: float = FetchOptions.backoff_max
+    max_retry_after: float = FetchOptions.max_retry_after
+    connect_timeout: float = FetchOptions.connect_timeout
+    read_timeout: float = FetchOptions.read_timeout
+    attempt_timeout: float = FetchOptions.attempt_timeout
+    max_redirects: int = FetchOptions.max_redirects
+    max_bytes: int = FetchOptions.max_bytes
+    user_agent: str = FetchOptions.user_agent
+    disallowed_header_directives: tuple[str, ...] = FetchOptions.disallowed_header_directives
 
     # Caches and sharding.
     fetch_cache_dir: str | None = None
