@@ -40,7 +40,8 @@ OPTION_HELP: dict[str, str] = {
     "encode_format": "Format of stored images (default config): png, jpeg or webp.",
     "encode_quality": "PNG zlib level 0-9, or JPEG/WebP quality 1-100.",
     "max_pixels": (
-        "Images whose decoded pixels (after JPEG reduction) or resized output exceed this fail as too_many_pixels."
+        "Images whose decoded pixels (after JPEG reduction) or resized output exceed this "
+        "fail as too_many_pixels."
     ),
     "max_in_flight": "Requests in flight at once in each process.",
     "max_connections_per_host": "Connections to one host at once, shared by all processes.",

@@ -1,10 +1,10 @@
 """Resuming an interrupted build from the fetch cache, and reloading a prepared split offline.
 
 Builds run in subprocesses against a loopback image server that takes about 100 ms per image.
-To stop a build at a known point, the server holds every request after the first half open
-without responding. The test then waits until each response that was sent has its fetch cache
-entry, so that "each image is requested once over both runs" is exact. Only the requests held
-open at the moment of the stop are in flight, and a rerun sends them again.
+To stop a build at a known point, the server serves the first half of the requests and delays
+each later one by HOLD_SECONDS before it responds 503. The test then waits until each image
+served has its fetch cache entry, so that "each image is served once over both runs" is exact:
+the held rows failed as transient, so a rerun requests them again.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,8 +39,8 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 import gaia  # noqa: F401  (registers "gaia" with datasets)
+from gaia_builder import cli
 from gaia_builder.cache import FetchCache
-from gaia_builder.cli import make_builder
 
 ROWS = 200
 HALF = ROWS // 2
@@ -48,23 +49,33 @@ IMAGE_SIZE = (48, 32)  # served images, in pixels
 # Server-side latency of each image response, in seconds.
 LATENCY = 0.1
 
+# Rows in progress at once. Row r is requested before rows r + PREFETCH and later are, because
+# the pipeline starts row r + PREFETCH only after the consumer has taken row r. So a run served
+# for HALF requests has requested every row up to HALF - PREFETCH.
+PREFETCH = 32
+
 # Rows whose image is gone (404), and rows whose first request gets 503 and later ones 200.
-# The 503 rows sit in the first half so that the stopped run requests each of them.
+# The 503 rows come before HALF - PREFETCH, so that the stopped run requests each of them.
 MISSING_ROWS = frozenset(range(13, ROWS, 20))
-FLAKY_ROWS = frozenset(range(7, 80, 20))
+FLAKY_ROWS = frozenset(range(7, HALF - PREFETCH, 20))
 
 # Deadlines, in seconds. Starting Python and importing datasets takes most of the first one.
 START_DEADLINE = 60.0
 CACHE_DEADLINE = 10.0
 EXIT_DEADLINE = 5.0
 RUN_TIMEOUT = 120.0
-HOLD_TIMEOUT = 60.0
 POLL_INTERVAL = 0.02
 
+# Delay before the server responds 503 to a request after the first half, in seconds. A short
+# delay keeps rows finishing after the stop signal, so the CLI can raise again a Ctrl-C that
+# CPython dropped.
+HOLD_SECONDS = 0.5
+
 # Fast, still polite settings for a loopback server. max_retries is 0 so that a 503 stays a
-# transient failure of the stopped run. read_timeout outlasts the time requests are held open.
+# transient failure of the stopped run.
 BUILD_OPTIONS: dict[str, Any] = {
     "image_size": 16,
+    "prefetch": PREFETCH,
     "max_in_flight": 16,
     "max_connections_per_host": 8,
     "max_requests_per_second_per_host": 1000.0,
@@ -82,8 +93,9 @@ class ImageServer:
     """Serve one image per path on 127.0.0.1 with server-side latency and scripted faults.
 
     Paths in ``missing`` get 404. Paths in ``flaky`` get 503 on their first request and 200 on
-    later ones. After ``hold_after(n)``, every request after the n-th is held open without a
-    response until ``release()``. ``statuses()`` lists the status of each response per path.
+    later ones. After ``hold_after(n)``, every request after the next n is held for HOLD_SECONDS
+    (or until ``release()``), then gets 503. ``statuses()`` lists the status of each response
+    per path, held requests left out.
     """
 
     def __init__(
@@ -124,7 +136,7 @@ class ImageServer:
         self.stop()
 
     def stop(self) -> None:
-        """Release held requests, cut the latency short and stop serving."""
+        """Respond to held requests, cut the latency short and stop serving."""
         self._stopping.set()
         self.release()
         if self._server.is_running():
@@ -167,9 +179,8 @@ class ImageServer:
             self._arrivals += 1
             held = self._hold_after is not None and self._arrivals > self._hold_after
         if held:
-            # The client is stopped while this waits, so nobody reads this response.
-            self._released.wait(HOLD_TIMEOUT)
-            return Response("held until the client stopped\n", status=503)
+            self._released.wait(HOLD_SECONDS)
+            return Response("held after the first half of the requests\n", status=503)
 
         # Server-side latency: ends early only when the server stops.
         self._stopping.wait(self.latency)
@@ -222,7 +233,11 @@ def poll_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 def option_flags(options: Mapping[str, Any]) -> list[str]:
     flags = []
     for name, value in options.items():
-        flags += ["--" + name.replace("_", "-"), str(value)]
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
     return flags
 
 
@@ -247,37 +262,58 @@ class Build:
             *option_flags(self.options),
         ]  # fmt: skip
 
-    @contextmanager
-    def start(self) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-        """Start the command; yield the process and the files receiving its stdout and stderr."""
-        run = next(self.runs)
-        stdout_path = self.tmp_path / f"run{run}.out"
-        stderr_path = self.tmp_path / f"run{run}.err"
-        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
-            process = subprocess.Popen(self.argv, cwd=self.tmp_path, stdout=stdout, stderr=stderr)
-        try:
-            yield process, stdout_path, stderr_path
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(RUN_TIMEOUT)
+    def start(self) -> AbstractContextManager[tuple[subprocess.Popen[bytes], Path, Path]]:
+        """Start the command; see ``started``."""
+        return started(self.argv, self.tmp_path, f"run{next(self.runs)}")
 
     def run(self) -> str:
         """Run the command to completion and return its stdout."""
         with self.start() as (process, stdout, stderr):
-            returncode = process.wait(RUN_TIMEOUT)
+            returncode = wait_for_exit(process, RUN_TIMEOUT, stderr)
             assert returncode == 0, stderr.read_text()[-4000:]
             return stdout.read_text()
 
-    def prepared(self) -> datasets.Dataset:
-        """Return the split that the command prepared; raise if it was not prepared."""
-        builder = make_builder(
-            "default", "validation", [f"validation={self.metadata}"], None, self.cache_dir, self.options
-        )
-        return builder.as_dataset(split="validation")
-
     def fetch_cache(self) -> FetchCache:
         return FetchCache(self.options["fetch_cache_dir"])
+
+
+def built_split(output: str) -> datasets.Dataset:
+    """Return the split that ``gaia prepare`` reports it built, read from its Arrow files."""
+    match = re.search(r"^Built validation in (.+)$", output, re.MULTILINE)
+    assert match is not None, output
+    files = sorted(Path(match[1]).glob("*-validation*.arrow"))
+    assert files, f"no Arrow file of the validation split in {match[1]}"
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in files])
+
+
+@contextmanager
+def started(argv: list[str], cwd: Path, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """Start ``argv``; yield the process and the files receiving its stdout and stderr.
+
+    The process is killed on exit from the block if it is still running.
+    """
+    stdout_path = cwd / f"{name}.out"
+    stderr_path = cwd / f"{name}.err"
+    # With PYTHONFAULTHANDLER set, SIGABRT makes a hung process print the stack of each thread.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+    try:
+        yield process, stdout_path, stderr_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(RUN_TIMEOUT)
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], timeout: float, stderr: Path) -> int:
+    """Return the exit code of ``process``; fail with the stack of each of its threads if it hangs."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        process.wait(RUN_TIMEOUT)
+        pytest.fail(f"the process did not exit within {timeout:g} s:\n{stderr.read_text()[-8000:]}")
 
 
 def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -296,11 +332,13 @@ def assert_same_rows(actual: datasets.Dataset, expected: datasets.Dataset) -> No
     assert len(actual) == len(expected)
     for column in expected.column_names:
         if column != "image":
-            assert actual[column] == expected[column], column
+            assert list(actual[column]) == list(expected[column]), column
     assert image_digests(actual) == image_digests(expected)
 
 
-def stop_halfway(server: ImageServer, build: Build, process: subprocess.Popen[bytes], stderr: Path) -> None:
+def wait_until_half_stored(
+    server: ImageServer, build: Build, process: subprocess.Popen[bytes], stderr: Path
+) -> None:
     """Wait until half the rows got a response and each of those is in the fetch cache."""
 
     def responded() -> bool:
@@ -310,9 +348,7 @@ def stop_halfway(server: ImageServer, build: Build, process: subprocess.Popen[by
 
     poll_until(responded, START_DEADLINE, f"the server sent {HALF} responses")
     cache = build.fetch_cache()
-    stored = [
-        server.url(path) for path, statuses in server.statuses().items() if statuses[-1] in (200, 404)
-    ]
+    stored = [server.url(path) for path, statuses in server.statuses().items() if statuses[-1] in (200, 404)]
     poll_until(lambda: all(url in cache for url in stored), CACHE_DEADLINE, "every response was stored")
     assert process.poll() is None, "the build finished before it was stopped"
 
@@ -334,26 +370,26 @@ def test_stopped_build_resumes(signal_number: int, tmp_path: Path) -> None:
 
         server.hold_after(HALF)
         with build.start() as (process, _, stderr):
-            stop_halfway(server, build, process, stderr)
+            wait_until_half_stored(server, build, process, stderr)
             before_stop = server.statuses()
-            stopped_at = time.monotonic()
             process.send_signal(signal_number)
-            returncode = process.wait(RUN_TIMEOUT)
-            exit_seconds = time.monotonic() - stopped_at
+            returncode = wait_for_exit(process, EXIT_DEADLINE, stderr)
         server.release()
         output = build.run()
         after_rerun = server.statuses()
 
     if signal_number == signal.SIGINT:
-        assert exit_seconds < EXIT_DEADLINE
         assert returncode == 130
         assert "run the same command again to resume" in stderr.read_text()
+    else:
+        assert returncode == -signal.SIGKILL
     flaky = {image_path(number) for number in FLAKY_ROWS}
     missing = {image_path(number) for number in MISSING_ROWS}
-    assert all(before_stop.get(path) == [503] for path in flaky), "a flaky row was not requested in time"
+    # Preconditions of the checks below: the stopped run got its 503s and some of its 404s.
+    assert {path: before_stop.get(path) for path in flaky} == {path: [503] for path in flaky}
     assert missing & before_stop.keys(), "no missing row was requested before the stop"
 
-    assert_same_rows(build.prepared(), baseline)
+    assert_same_rows(built_split(output), baseline)
     for path, statuses in before_stop.items():
         requested_again = after_rerun[path][len(statuses) :]
         if path in flaky:
@@ -361,12 +397,63 @@ def test_stopped_build_resumes(signal_number: int, tmp_path: Path) -> None:
         else:
             assert requested_again == [], path
     for path, statuses in after_rerun.items():
-        expected = [503, 200] if path in flaky else [404] if path in missing else [200]
-        assert statuses == expected, path
+        if path in flaky:
+            assert statuses == [503, 200], path
+        elif path in missing:
+            assert statuses == [404], path
+        else:
+            assert statuses == [200], path
     assert len(after_rerun) == ROWS
 
     from_cache = HALF - len(flaky)
     assert f"{from_cache} answered from the fetch cache, {ROWS - from_cache} requested" in output
+
+
+def test_interrupt_without_fetch_cache_says_refetch(tmp_path: Path) -> None:
+    """With the fetch cache off, Ctrl-C prints that a rerun fetches every image again."""
+    rows = 20
+    with make_server(rows, LATENCY, flaky=False) as server:
+        metadata = write_split(server, rows, tmp_path / "val.json")
+        build = Build(tmp_path, metadata, {**BUILD_OPTIONS, "use_fetch_cache": False})
+
+        server.hold_after(rows // 4)
+        with build.start() as (process, _, stderr):
+            poll_until(
+                lambda: process.poll() is not None or server.wait_for_responses(rows // 4, POLL_INTERVAL),
+                START_DEADLINE,
+                f"the server sent {rows // 4} responses",
+            )
+            process.send_signal(signal.SIGINT)
+            returncode = wait_for_exit(process, EXIT_DEADLINE, stderr)
+
+    assert returncode == 130, stderr.read_text()[-4000:]
+    assert "running the command again fetches every image again" in stderr.read_text()
+    assert not Path(build.options["fetch_cache_dir"]).exists()
+
+
+class _Referent:
+    """An object that a weakref can point at."""
+
+
+def test_dropped_interrupt_raised_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C that CPython drops inside a weakref callback is raised again by the CLI's check."""
+    dropped: list[type[BaseException] | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    interrupt = cli._Interrupt()
+
+    def send_sigint(_: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+        # The handler runs here, at the first instruction after the signal, inside the callback.
+        dropped.append(None)
+
+    with cli._handle_sigint(interrupt):
+        referent = _Referent()
+        reference = weakref.ref(referent, send_sigint)
+        del referent
+        assert dropped == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+    assert reference() is None
 
 
 LOAD_UNTIL_INTERRUPTED = textwrap.dedent(
@@ -383,7 +470,7 @@ LOAD_UNTIL_INTERRUPTED = textwrap.dedent(
     def pipeline_threads():
         return [thread.name for thread in threading.enumerate() if thread.name.startswith("gaia-")]
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while pipeline_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
     loops = [item for item in gc.get_objects() if isinstance(item, asyncio.AbstractEventLoop)]
@@ -394,6 +481,22 @@ LOAD_UNTIL_INTERRUPTED = textwrap.dedent(
     }))
     """
 )
+
+
+def interrupt_python(process: subprocess.Popen[bytes], stderr: Path) -> None:
+    """Send SIGINT, and send it again if CPython reports that it dropped the KeyboardInterrupt.
+
+    CPython prints and ignores an exception raised while a weakref callback or a ``__del__``
+    method runs, so a Ctrl-C that arrives then is lost, and a user presses it again.
+    """
+    process.send_signal(signal.SIGINT)
+    poll_until(
+        lambda: process.poll() is not None or "KeyboardInterrupt" in stderr.read_text(),
+        EXIT_DEADLINE,
+        "the process exited or reported the KeyboardInterrupt",
+    )
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
 
 
 def test_load_dataset_interrupt_stops_pipeline(tmp_path: Path) -> None:
@@ -407,33 +510,21 @@ def test_load_dataset_interrupt_stops_pipeline(tmp_path: Path) -> None:
             "fetch_cache_dir": str(tmp_path / "fetch"),
         }
         server.hold_after(HALF)
-        process = subprocess.Popen(
-            [sys.executable, "-c", LOAD_UNTIL_INTERRUPTED, json.dumps(kwargs)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
+        argv = [sys.executable, "-c", LOAD_UNTIL_INTERRUPTED, json.dumps(kwargs)]
+        with started(argv, tmp_path, "load") as (process, stdout, stderr):
             poll_until(
                 lambda: process.poll() is not None or server.wait_for_responses(HALF, POLL_INTERVAL),
                 START_DEADLINE,
                 f"the server sent {HALF} responses",
             )
-            stopped_at = time.monotonic()
-            process.send_signal(signal.SIGINT)
-            stdout, stderr = process.communicate(timeout=RUN_TIMEOUT)
-            exit_seconds = time.monotonic() - stopped_at
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(RUN_TIMEOUT)
+            interrupt_python(process, stderr)
+            returncode = wait_for_exit(process, EXIT_DEADLINE, stderr)
 
-    assert process.returncode == 0, stderr.decode()[-4000:]
-    result = json.loads(stdout.decode().splitlines()[-1])
+    assert returncode == 0, stderr.read_text()[-4000:]
+    result = json.loads(stdout.read_text().splitlines()[-1])
     assert result["interrupted"] is True
     assert result["threads"] == []
     assert result["open_loops"] == 0
-    assert exit_seconds < EXIT_DEADLINE
 
 
 def pipeline_threads() -> set[threading.Thread]:
@@ -469,11 +560,13 @@ def test_interrupt_outside_generator_stops_pipeline(tmp_path: Path, monkeypatch:
                 **BUILD_OPTIONS,
             )
 
-        # The traceback keeps the suspended generator alive, as an interactive session does.
+        # ``interrupt`` keeps the traceback alive, and with it the suspended generator, as an
+        # interactive session keeps its last traceback.
         poll_until(
             lambda: not pipeline_threads() - threads_before, EXIT_DEADLINE, "the pipeline threads stopped"
         )
-    assert interrupt.value is not None
+    raised_in = {Path(str(entry.path)).name for entry in interrupt.traceback}
+    assert "pipeline.py" not in raised_in, "the interrupt passed through the pipeline's generator"
 
 
 RECORD_CONNECTIONS = textwrap.dedent(
@@ -482,15 +575,15 @@ RECORD_CONNECTIONS = textwrap.dedent(
 
     attempts = []
 
-    def refuse(kind, original):
+    def reject(kind):
         def wrapper(*args, **kwargs):
             attempts.append(f"{kind} {args[1:] if kind != 'getaddrinfo' else args[:2]}")
             raise OSError(f"no {kind} is allowed offline")
         return wrapper
 
-    socket.socket.connect = refuse("connect", socket.socket.connect)
-    socket.socket.connect_ex = refuse("connect_ex", socket.socket.connect_ex)
-    socket.getaddrinfo = refuse("getaddrinfo", socket.getaddrinfo)
+    socket.socket.connect = reject("connect")
+    socket.socket.connect_ex = reject("connect_ex")
+    socket.getaddrinfo = reject("getaddrinfo")
 
     import datasets, gaia
 
@@ -498,11 +591,12 @@ RECORD_CONNECTIONS = textwrap.dedent(
     stored = dataset.cast_column("image", datasets.Image(decode=False))
     print(json.dumps({
         "attempts": attempts,
-        "ids": dataset["id"],
-        "errors": dataset["error"],
+        "ids": list(dataset["id"]),
+        "errors": list(dataset["error"]),
         "images": [
             hashlib.sha256(image["bytes"]).hexdigest() if image else None for image in stored["image"]
         ],
+        "sizes": [[row["width"], row["height"]] if row["width"] else None for row in stored],
     }))
     """
 )
@@ -524,8 +618,9 @@ def load_offline(kwargs: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
     return json.loads(completed.stdout.splitlines()[-1])
 
 
-def test_offline_reload_data_files(tmp_path: Path) -> None:
-    """A split prepared from data_files loads offline with no server and no connection attempt."""
+@pytest.mark.parametrize("changed", [{}, {"image_size": 24}], ids=["reload", "rebuild"])
+def test_offline_load_data_files(changed: dict[str, Any], tmp_path: Path) -> None:
+    """A split prepared from data_files loads, or rebuilds from the fetch cache, with no connection."""
     rows = 20
     with make_server(rows, flaky=False) as server:
         metadata = write_split(server, rows, tmp_path / "val.json")
@@ -537,16 +632,20 @@ def test_offline_reload_data_files(tmp_path: Path) -> None:
         }
         prepared = datasets.load_dataset("gaia", split="validation", **kwargs)
 
-    reloaded = load_offline(kwargs, tmp_path)
+    loaded = load_offline({**kwargs, **changed}, tmp_path)
 
-    assert reloaded["attempts"] == []
-    assert reloaded["ids"] == prepared["id"]
-    assert reloaded["errors"] == prepared["error"]
-    assert reloaded["images"] == image_digests(prepared)
+    assert loaded["attempts"] == []
+    assert loaded["ids"] == list(prepared["id"])
+    assert loaded["errors"] == list(prepared["error"])
+    if changed:
+        assert loaded["sizes"] == [[36, 24] if error is None else None for error in prepared["error"]]
+    else:
+        assert loaded["images"] == image_digests(prepared)
 
 
-def test_offline_reload_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A split prepared from the Hub loads offline with the Hub and the image server stopped."""
+@pytest.mark.parametrize("changed", [{}, {"image_size": 24}], ids=["reload", "rebuild"])
+def test_offline_load_hub(changed: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split prepared from the Hub loads, or rebuilds from the caches, with the servers stopped."""
     rows = 20
     with make_server(rows, flaky=False) as server:
         files = {
@@ -564,12 +663,15 @@ def test_offline_reload_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             prepared = datasets.load_dataset("gaia", split="validation", **kwargs)
             assert hub.requests_for("val_data.json"), "the metadata was not downloaded from the stub"
 
-    reloaded = load_offline(kwargs, tmp_path)
+    loaded = load_offline({**kwargs, **changed}, tmp_path)
 
-    assert reloaded["attempts"] == []
-    assert reloaded["ids"] == prepared["id"]
-    assert reloaded["errors"] == prepared["error"]
-    assert reloaded["images"] == image_digests(prepared)
+    assert loaded["attempts"] == []
+    assert loaded["ids"] == list(prepared["id"])
+    assert loaded["errors"] == list(prepared["error"])
+    if changed:
+        assert loaded["sizes"] == [[36, 24] if error is None else None for error in prepared["error"]]
+    else:
+        assert loaded["images"] == image_digests(prepared)
 
 
 @pytest.mark.parametrize(
@@ -601,7 +703,7 @@ def test_processing_change_reuses_fetch_cache(
         assert server.responses == responses
 
     assert second.cache_files != first.cache_files
-    assert second["error"] == first["error"]
+    assert list(second["error"]) == list(first["error"])
     ok = [index for index, error in enumerate(second["error"]) if error is None]
     assert ok, "no row has an image"
     images = undecoded(second)["image"]
