@@ -124,7 +124,7 @@ def source_options(function: Callable[..., Any]) -> Callable[..., Any]:
             "--data-dir",
             "data_dir",
             type=click.Path(file_okay=False, exists=True),
-            help="Folder holding train_data.json, val_data.json and test_data.json.",
+            help="Folder that contains train_data.json, val_data.json and test_data.json.",
         ),
         click.option(
             "--cache-dir",
@@ -502,7 +502,7 @@ def _summary(
         lines.append("Reused the prepared Arrow cache: nothing was fetched")
     elif builder.config.image_mode is not None:
         lines.append(
-            f"URLs: {run_stats['from_cache']} answered from the fetch cache, {run_stats['fetched']} requested"
+            f"URLs: {run_stats['from_cache']} read from the fetch cache, {run_stats['fetched']} requested"
         )
     if by_class:
         lines.append("Failures by error class:")
@@ -524,7 +524,7 @@ def _summary(
     "--data-dir",
     "data_dir",
     type=click.Path(file_okay=False, exists=True),
-    help="Folder holding the real train_data.json, val_data.json and test_data.json.",
+    help="Folder that contains the real train_data.json, val_data.json and test_data.json.",
 )
 @click.option(
     "--output",

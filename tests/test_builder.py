@@ -300,7 +300,7 @@ def test_direct_builder_shares_cache(tmp_path: Path) -> None:
 
 
 class ConcurrencyProbe:
-    """A request handler that holds each response briefly and records the peak concurrency."""
+    """A request handler that delays each response briefly and records the peak concurrency."""
 
     def __init__(self, body: bytes, hold: float) -> None:
         self.body = body

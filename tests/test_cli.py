@@ -52,7 +52,7 @@ def test_prepare_prints_summary(httpserver: HTTPServer, tmp_path: Path) -> None:
     assert "validation: 3 rows, 1 ok, 2 failed" in result.output
     assert "http_404" in result.output
     assert "invalid_url" in result.output
-    assert "0 answered from the fetch cache, 2 requested" in result.output
+    assert "0 read from the fetch cache, 2 requested" in result.output
     failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [failure["id"] for failure in failures] == [records[1]["id"], records[2]["id"]]
     assert failures[0]["url"] == records[1]["image_src"]
@@ -68,7 +68,7 @@ def test_prepare_again_uses_cache(httpserver: HTTPServer, tmp_path: Path) -> Non
     result = CliRunner().invoke(main, args)
 
     assert result.exit_code == 0, result.output
-    assert "1 answered from the fetch cache, 0 requested" in result.output
+    assert "1 read from the fetch cache, 0 requested" in result.output
     assert len(httpserver.log) == 1
 
 
@@ -133,7 +133,7 @@ def test_prepare_from_hub_stub(
 
 
 def test_prepare_without_hub_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the Hub unreachable, prepare fails fast and says how to use local metadata."""
+    """With the Hub unreachable, prepare fails fast and explains how to use local metadata."""
     endpoint = closed_port_endpoint()
     point_hub_at(monkeypatch, endpoint)
 

@@ -406,7 +406,7 @@ def test_stopped_build_resumes(signal_number: int, tmp_path: Path) -> None:
     assert len(after_rerun) == ROWS
 
     from_cache = HALF - len(flaky)
-    assert f"{from_cache} answered from the fetch cache, {ROWS - from_cache} requested" in output
+    assert f"{from_cache} read from the fetch cache, {ROWS - from_cache} requested" in output
 
 
 def test_interrupt_without_fetch_cache_says_refetch(tmp_path: Path) -> None:
