@@ -130,8 +130,9 @@ class RowPipeline:
     def run(self, rows: Iterable[MetadataRow]) -> Generator[RowOutcome, None, None]:
         """Yield one outcome per row, in the order of ``rows``."""
         loop_thread = _LoopThread()
-        # Threads, because Pillow 13 releases the GIL while it decodes, resizes and compresses.
-        # 2 cores, 512 rows: threads 11.7 images/s, 107 ms CPU each; processes 11.8, 118 ms, +0.5 GB.
+        # Threads, not processes, because Pillow 13 releases the GIL while it decodes, resizes and
+        # compresses. On 2 cores, 512 rows of benchmarks/compare_img2dataset.py: threads 11.7 images/s
+        # at 107 ms of CPU each, processes 11.8 images/s at 118 ms each and with 0.5 GB more memory.
         cpu_pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="gaia-image")
         io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="gaia-cache")
         fetcher: Fetcher | None = None
