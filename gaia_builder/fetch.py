@@ -233,8 +233,8 @@ def find_disallowed_directive(
     user-agent token and a colon (``googlebot: noindex``). A prefixed list applies only when
     the token is ours. Names are compared case-insensitively.
     """
-    wanted = {directive.strip().lower() for directive in disallowed}
-    if not wanted:
+    disallowed_set = {directive.strip().lower() for directive in disallowed}
+    if not disallowed_set:
         return None
 
     for value in values:
@@ -246,7 +246,7 @@ def find_disallowed_directive(
             value = rest
         for directive in value.split(","):
             name = directive.split(":", 1)[0].strip().lower()
-            if name in wanted:
+            if name in disallowed_set:
                 return name
     return None
 

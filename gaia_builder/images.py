@@ -227,7 +227,7 @@ def _open(data: bytes, source: str) -> ImageFile.ImageFile:
 
 # Messages of Pillow 13's JPEG and TIFF plugins for files that are valid but laid out in a way
 # they cannot decode (12-bit JPEG, 16-bit RGBA TIFF). Pillow raises SyntaxError for these as for
-# damage, so only the message tells them apart.
+# damage, so only the message distinguishes them.
 # NOTE: these are Pillow 13.0's messages; if a later Pillow words them otherwise, such files
 # become decode_error.
 _UNSUPPORTED_LAYOUT_MESSAGES = ("cannot handle", "unknown pixel mode", "unknown data organization")

@@ -29,7 +29,7 @@ What the budget does not cover:
 
 - other machines, and processes that use a different state directory;
 - idle keep-alive connections: a slot counts requests in flight, so a process may keep an idle
-  connection open to a host while another process's request holds the slot;
+  connection open to a host while another process's request occupies the slot;
 - requests that do not go through :class:`HostLimits` (the metadata download, for example).
 """
 

@@ -115,9 +115,9 @@ class MetadataRow:
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Parse a metadata file in any accepted layout into a list of records.
 
-    Raises MetadataError naming the file when it is missing, empty, not UTF-8, not valid JSON
-    (integers too long for Python and nesting too deep included), in an unknown layout, or
-    contains columns of unequal length or records that are not objects.
+    Raises MetadataError naming the file when it is missing, empty, not UTF-8 or not valid JSON.
+    Integers too long for Python and nesting too deep count as invalid JSON. It also raises for
+    an unknown layout, columns of unequal length and records that are not objects.
     """
     path = Path(path)
     text = _read_text(path)
@@ -217,7 +217,7 @@ def _records_from_document(path: Path, document: Any, text: str) -> list[dict[st
         return []
 
     # Columns when every GAIA field (every key, if none is a GAIA field) is a list or an object.
-    # A single record, by contrast, holds a string or a number in id, image_src or another field.
+    # A single record, by contrast, has a string or a number in id, image_src or another field.
     fields = [value for name, value in document.items() if name in _FIELD_SET] or list(document.values())
     is_columns = all(isinstance(value, (list, dict)) for value in fields)
     values = list(document.values())
@@ -371,7 +371,7 @@ def _utf8_problem(text: str) -> str | None:
     """Describe why ``text`` cannot be stored as UTF-8, or return None when it can.
 
     A JSON escape of half a UTF-16 surrogate pair, such as "\\ud800" alone, gives a str that
-    Python holds but that no UTF-8 writer, Arrow's included, accepts.
+    Python can represent but that no UTF-8 writer, Arrow's included, accepts.
     """
     try:
         text.encode("utf-8")

@@ -154,7 +154,7 @@ class RowPipeline:
                 outcome = pending.popleft().result()
                 self.stats.add(outcome)
                 yield outcome
-                # Refilled only when the consumer requests the next row, so the rows in progress
+                # Refilled only when the consumer requests the next row. So the rows in progress
                 # and the row last yielded are at most ``prefetch``, and a consumer that stops
                 # after n rows has started at most prefetch + n - 1 rows.
                 refill()

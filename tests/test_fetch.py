@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import aiohttp.abc
 import pytest
 from aiohttp import web
 from PIL import Image
+from raw_server import raw_server
 
 from gaia_builder.config import FetchOptions
 from gaia_builder.fetch import (
@@ -51,7 +52,6 @@ from gaia_builder.limits import Clock, HostLimits, SystemClock, VirtualClock, ho
 SLACK = 0.5
 
 # Seconds a raw test server waits for a request head before it gives up on the connection.
-RAW_SERVER_READ_TIMEOUT = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -422,28 +422,6 @@ async def test_fetch_final_client_error(tmp_path: Path, status: int, phrase: str
     assert clock.sleeps == []
 
 
-@contextlib.asynccontextmanager
-async def raw_server(response: bytes) -> AsyncIterator[str]:
-    """Send ``response`` verbatim after each request head, close, and yield the base URL."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_SERVER_READ_TIMEOUT)
-            writer.write(response)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 @pytest.mark.parametrize("status", ["000", "099"])
 @asyncio_test
 async def test_fetch_status_below_100(tmp_path: Path, status: str) -> None:
@@ -570,8 +548,8 @@ async def test_fetch_connection_reset(tmp_path: Path) -> None:
         )
         writer.transport.abort()
 
-    raw_server = await asyncio.start_server(reset, "127.0.0.1", 0)
-    raw_port = raw_server.sockets[0].getsockname()[1]
+    reset_server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    raw_port = reset_server.sockets[0].getsockname()[1]
     clock = VirtualClock()
     options = make_options(tmp_path, max_retries=2)
     try:
@@ -580,8 +558,8 @@ async def test_fetch_connection_reset(tmp_path: Path) -> None:
             result = await fetch_beside_good(fetcher, server, f"http://127.0.0.1:{raw_port}/x.jpg")
             elapsed = time.monotonic() - start
     finally:
-        raw_server.close()
-        await raw_server.wait_closed()
+        reset_server.close()
+        await reset_server.wait_closed()
 
     assert result.error is not None
     assert result.error.error_class == "connection_error"

@@ -26,6 +26,7 @@ from click.testing import CliRunner, Result
 from factories import record, write_metadata
 from PIL import Image
 from pytest_httpserver import HTTPServer
+from raw_server import raw_server
 
 from gaia_builder.builder import Gaia
 from gaia_builder.cache import FetchCache
@@ -40,7 +41,6 @@ from gaia_builder.pipeline import RowOutcome, RowPipeline
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Seconds a raw test server waits for a request head before it gives up on the connection.
-SERVER_READ_TIMEOUT = 5.0
 
 # Short deadlines, no retries by default and backoff waits of at most 0.05 s, so that every failing
 # fetch ends within seconds.
@@ -85,28 +85,6 @@ def fetch_options(tmp_path: Path, **overrides: Any) -> FetchOptions:
 async def fetch_one(tmp_path: Path, url: str, **overrides: Any) -> FetchResult:
     async with Fetcher(fetch_options(tmp_path, **overrides)) as fetcher:
         return await fetcher.fetch(url)
-
-
-@contextlib.asynccontextmanager
-async def raw_server(response: bytes) -> AsyncIterator[str]:
-    """Send ``response`` verbatim after each request head, close, and yield the base URL."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SERVER_READ_TIMEOUT)
-            writer.write(response)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @contextlib.asynccontextmanager

@@ -30,8 +30,8 @@ import gaia  # noqa: F401  (registers "gaia" with datasets)
 from gaia_builder.builder import DEFAULT_NUM_SHARDS, WORLD_SIZE_ENV
 from gaia_builder.errors import RowError
 
-# Seconds a held request waits for the test to release it before it is answered anyway, and the
-# longest time a test waits for threads to end or for requests to arrive.
+# Seconds a delayed request waits for the test to release it before the server responds anyway,
+# and the maximum time a test waits for threads to end or for requests to arrive.
 HOLD_TIMEOUT = 10.0
 WAIT_TIMEOUT = 10.0
 PROCESS_TIMEOUT = 60.0
