@@ -312,7 +312,7 @@ def _encode_header(result: FetchResult) -> bytes:
         "error_detail": result.error.detail if result.error else None,
         "attempts": result.attempts,
         "size": len(data) if data is not None else None,
-        "sha256": sha256_hex(data) if data is not None else None,
+        "sha256": result.with_sha256().sha256,
         "gaia_version": __version__,
         "stored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -429,6 +429,7 @@ def _result_from_header(header: dict[str, Any], data: bytes | None) -> FetchResu
         error=error,
         attempts=header["attempts"],
         transient=False,
+        sha256=header["sha256"],  # _read_body has checked it against the body
     )
 
 

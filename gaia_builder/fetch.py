@@ -23,6 +23,7 @@ import asyncio
 import copy
 import dataclasses
 import email.utils
+import hashlib
 import logging
 import random
 import socket
@@ -52,9 +53,6 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Content-Encodings that aiohttp 3.14 decodes while reading; br and zstd need optional packages.
 DECODED_CONTENT_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 
-# Body size read per step, in bytes.
-CHUNK_SIZE = 64 * 1024
-
 # Error and redirect bodies up to this many bytes are read and discarded, so that the connection
 # can be reused. A larger body is discarded together with its connection.
 MAX_DRAINED_BODY = 64 * 1024
@@ -79,11 +77,20 @@ class FetchResult:
     error: RowError | None  # None on success
     attempts: int  # requests sent for this URL, redirect hops included; 0 for invalid_url
     transient: bool  # True when a later run should try again (timeouts, 5xx, 429, connection errors)
+    # SHA-256 of data, as 64 hexadecimal digits, once computed; the fetcher leaves it None so
+    # that no body is hashed on the event loop. Derived from data, so equality ignores it.
+    sha256: str | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
         """True when the body was fetched and passed the content checks."""
         return self.error is None and self.data is not None
+
+    def with_sha256(self) -> FetchResult:
+        """Return this result with ``sha256`` set; unchanged when it is set or there is no body."""
+        if self.data is None or self.sha256 is not None:
+            return self
+        return dataclasses.replace(self, sha256=hashlib.sha256(self.data).hexdigest())
 
 
 @dataclass
@@ -714,15 +721,18 @@ class Fetcher:
             )
             return _Outcome(host=key, error=RowError("too_large", detail))
 
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(CHUNK_SIZE):
-            body += chunk
-            if len(body) > max_bytes:
+        # Chunks as they arrive, joined once at the end: one copy of the body.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
                 reason = _describe_oversized_body(response, max_bytes)
                 detail = f"{requested} {reason}; raise max_bytes to accept it"
                 return _Outcome(host=key, error=RowError("too_large", detail))
 
-        data = bytes(body)
+        data = b"".join(chunks)
         kind = describe_non_image(data, response.headers.get(hdrs.CONTENT_TYPE))
         if kind is not None:
             content_type = response.headers.get(hdrs.CONTENT_TYPE, "none")

@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from .config import ENCODE_FORMATS, RESIZE_MODES, ImageOptions
@@ -587,17 +588,58 @@ def _pad_to_square(image: Image.Image, size: int) -> Image.Image:
 # Encoding
 
 
-# At zlib level 1, gaia's default, zlib's run-length strategy compresses photographs smaller and
-# faster than Pillow's default strategy (Z_FILTERED). A 768x512 photograph of the corpus of
-# benchmarks/compare_img2dataset.py took 30 ms for 601 KiB, against 35 ms for 695 KiB (Pillow 13
-# with zlib-ng, one core). A flat synthetic map came out larger, 103 KiB against 63 KiB, but
-# GAIA's images are mostly photographs. Other levels keep Pillow's strategy.
+# At zlib level 1, gaia's default, the PNG is written here rather than by Pillow, because
+# Pillow's encoder tries the five PNG row filters on every row to keep the best one and has no
+# option to fix one. On 768x512 outputs of the JPEGs of benchmarks/compare_img2dataset.py that
+# choice took 17 of its 29 ms per image (Pillow 13, zlib 1.2.13, one core). Filtering every row
+# with "Up" (one numpy subtraction) and compressing with zlib's run-length strategy took 11 ms,
+# for files 3 % larger (705 KiB against 683 KiB). Huffman-only compression was 2 ms faster but
+# cannot shorten runs, which flat map areas have. Other levels keep Pillow's adaptive filters,
+# whose search costs little next to slower compression.
 _FAST_PNG_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {"L": 0, "RGB": 2}  # 8 bits per sample
+_PNG_FILTER_UP = 2
+# Rows filtered and compressed at a time: bounds the filtered copy to a few MB for any width.
+_PNG_BLOCK_ROWS = 256
 
 
 def _save_png(image: Image.Image, buffer: io.BytesIO, level: int) -> None:
-    strategy = zlib.Z_RLE if level == _FAST_PNG_LEVEL else -1  # -1: Pillow's default
-    image.save(buffer, "PNG", compress_level=level, compress_type=strategy)
+    if level == _FAST_PNG_LEVEL and image.mode in _PNG_COLOUR_TYPES:
+        _write_png_up_filtered(image, buffer, level)
+    else:
+        image.save(buffer, "PNG", compress_level=level)
+
+
+def _write_png_up_filtered(image: Image.Image, buffer: io.BytesIO, level: int) -> None:
+    """Write ``image`` (mode L or RGB) as a PNG whose rows all use the Up filter."""
+    rows = np.asarray(image).reshape(image.height, -1)
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, _PNG_COLOUR_TYPES[image.mode], 0, 0, 0)
+    buffer.write(_PNG_SIGNATURE)
+    _write_png_chunk(buffer, b"IHDR", header)
+
+    compressor = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+    previous = np.zeros(rows.shape[1], dtype=np.uint8)  # the Up filter treats the row above row 0 as zeros
+    for start in range(0, image.height, _PNG_BLOCK_ROWS):
+        block = rows[start : start + _PNG_BLOCK_ROWS]
+        filtered = np.empty((block.shape[0], block.shape[1] + 1), dtype=np.uint8)
+        filtered[:, 0] = _PNG_FILTER_UP
+        # uint8 subtraction wraps modulo 256, which is what the filter specifies.
+        np.subtract(block[0], previous, out=filtered[0, 1:])
+        np.subtract(block[1:], block[:-1], out=filtered[1:, 1:])
+        previous = block[-1]
+        compressed = compressor.compress(filtered.data)
+        if compressed:
+            _write_png_chunk(buffer, b"IDAT", compressed)
+    _write_png_chunk(buffer, b"IDAT", compressor.flush())
+    _write_png_chunk(buffer, b"IEND", b"")
+
+
+def _write_png_chunk(buffer: io.BytesIO, kind: bytes, payload: bytes) -> None:
+    buffer.write(struct.pack(">I", len(payload)))
+    buffer.write(kind)
+    buffer.write(payload)
+    buffer.write(struct.pack(">I", zlib.crc32(payload, zlib.crc32(kind))))
 
 
 _ENCODERS: dict[str, Callable[[Image.Image, io.BytesIO, int], None]] = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import os
 import threading
@@ -187,15 +186,23 @@ class RowPipeline:
             logger.warning("closing the HTTP session took longer than %.0f s", SHUTDOWN_TIMEOUT)
         self.stats.fetch = fetcher.stats
 
-    def _store(self, result: FetchResult) -> None:
+    def _hash_and_store(self, result: FetchResult) -> FetchResult:
+        """Return ``result`` with its body's SHA-256, after storing it in the cache if there is one.
+
+        Runs in the I/O pool: hashlib releases the GIL on large buffers, so neither the event
+        loop nor the consumer waits for it.
+        """
+        result = result.with_sha256()
+        if self.cache is None:
+            return result
         # A full disk or a read-only cache must not end a build that can go on without it.
-        assert self.cache is not None
         try:
             self.cache.put(result)
         except OSError as error:
             if not self._cache_failed:
                 logger.warning("cannot write to the fetch cache, continuing without storing: %s", error)
             self._cache_failed = True
+        return result
 
     async def _process_row(
         self,
@@ -215,31 +222,25 @@ class RowPipeline:
         from_cache = result is not None
         if result is None:
             result = await fetcher.fetch(url)
-            if self.cache is not None:
-                await loop.run_in_executor(io_pool, self._store, result)
+            # Hashed once, off the event loop, for both the cache entry and the row's sha256.
+            result = await loop.run_in_executor(io_pool, self._hash_and_store, result)
 
         if result.error is not None or result.data is None:
             return RowOutcome(row, fetch=result, error=result.error, from_cache=from_cache)
-        image, sha256 = await loop.run_in_executor(
-            cpu_pool, _process, result.data, self.image_options, result.final_url or url
-        )
+        source = result.final_url or url
+        image = await loop.run_in_executor(cpu_pool, _process, result.data, self.image_options, source)
         if isinstance(image, RowError):
-            return RowOutcome(row, fetch=result, error=image, from_cache=from_cache, sha256=sha256)
-        return RowOutcome(row, image=image, fetch=result, from_cache=from_cache, sha256=sha256)
+            return RowOutcome(row, fetch=result, error=image, from_cache=from_cache, sha256=result.sha256)
+        return RowOutcome(row, image=image, fetch=result, from_cache=from_cache, sha256=result.sha256)
 
 
-def _process(data: bytes, options: ImageOptions, source: str) -> tuple[ProcessedImage | RowError, str]:
-    """Return the processed image or the row error, and the SHA-256 of ``data``.
-
-    Both run in the image pool because hashlib, like Pillow's decoders and resizers, releases
-    the GIL on large buffers, so neither holds up the event loop or the consumer.
-    """
-    sha256 = hashlib.sha256(data).hexdigest()
+def _process(data: bytes, options: ImageOptions, source: str) -> ProcessedImage | RowError:
+    """Return the processed image or the row error; runs in the image pool."""
     try:
-        return process_image(data, options, source=source), sha256
+        return process_image(data, options, source=source)
     except ImageError as error:
-        return error.row_error, sha256
+        return error.row_error
     except Exception as error:  # a Pillow failure that images.py does not map must not end a build
         logger.exception("unexpected error while processing the image of %s", source)
         detail = f"{source}: unexpected {type(error).__name__} while decoding: {error}"
-        return RowError("decode_error", detail), sha256
+        return RowError("decode_error", detail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -132,6 +133,7 @@ def test_success_round_trip(cache: FetchCache) -> None:
     assert loaded == stored
     assert loaded is not None
     assert loaded.ok
+    assert loaded.sha256 == hashlib.sha256(png_bytes()).hexdigest()
     assert url in cache
 
 

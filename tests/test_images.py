@@ -609,6 +609,61 @@ def test_png_level_changes_size_not_pixels() -> None:
     assert np.array_equal(np.asarray(decode(fast)), np.asarray(decode(small)))
 
 
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a PNG into (type, payload) pairs, checking each chunk's CRC on the way."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, offset = [], 8
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind = data[offset + 4 : offset + 8]
+        payload = data[offset + 8 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
+        assert crc == zlib.crc32(kind + payload), f"bad CRC in {kind!r} chunk"
+        chunks.append((kind, payload))
+        offset += 12 + length
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [("RGB", (513, 700)), ("L", (700, 513)), ("RGB", (1, 1)), ("L", (3, 1)), ("RGB", (5, 257))],
+    ids=["rgb-several-blocks", "gray-several-blocks", "one-pixel", "one-row", "block-and-a-row"],
+)
+def test_fast_png_is_lossless_and_well_formed(mode: str, size: tuple[int, int]) -> None:
+    """At level 1 gaia writes the PNG itself: every row Up-filtered, the pixels unchanged."""
+    rng = np.random.default_rng(7)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+    result = process(encode(image, "PNG"), resize_mode="no", encode_quality=1)
+
+    chunks = png_chunks(result.data)
+    kinds = [kind for kind, _ in chunks]
+    assert kinds[0] == b"IHDR"
+    assert kinds[-1] == b"IEND"
+    assert set(kinds[1:-1]) == {b"IDAT"}
+    width, height, depth, colour_type = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert (width, height, depth, colour_type) == (*size, 8, 2 if mode == "RGB" else 0)
+    raw = zlib.decompress(b"".join(payload for kind, payload in chunks if kind == b"IDAT"))
+    stride = size[0] * (3 if mode == "RGB" else 1) + 1
+    assert len(raw) == stride * size[1]
+    assert set(raw[::stride]) == {2}  # filter type Up on every row
+    output = decode(result)
+    assert output.mode == mode
+    assert np.array_equal(np.asarray(output), np.asarray(image))
+
+
+def test_fast_png_matches_pillow_pixels_after_resizing() -> None:
+    """The same resized pixels come out of gaia's level-1 writer and Pillow's level-9 encoder."""
+    data = encode(Image.fromarray(noisy_gray(900, 700)).convert("RGB"), "JPEG", quality=90)
+
+    fast = process(data, encode_quality=1)
+    pillow = process(data, encode_quality=9)
+
+    assert {kind for kind, _ in png_chunks(fast.data)} == {b"IHDR", b"IDAT", b"IEND"}
+    assert np.array_equal(np.asarray(decode(fast)), np.asarray(decode(pillow)))
+
+
 @pytest.mark.parametrize("encode_format", ["jpeg", "webp"])
 def test_lossy_quality_changes_size(encode_format: str) -> None:
     data = encode(Image.fromarray(noisy_gray(700, 700)).convert("RGB"), "PNG")
