@@ -398,8 +398,8 @@ class TreeSampler(threading.Thread):
     shorter than ``interval`` can be missed.
 
     The tree itself is listed every ``list_every`` samples only, because psutil lists children by
-    reading the stat file of every process on the machine: at every sample, that cost 8 % of a
-    core, taken from the tool under test. A process that starts between two listings enters the
+    reading the stat file of every process on the machine. At every sample, that took 8 % of a
+    core from the tool under test. A process that starts between two listings enters the
     tree sum at the next listing; its VmHWM still records its peak.
     """
 

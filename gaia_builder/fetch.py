@@ -77,8 +77,8 @@ class FetchResult:
     error: RowError | None  # None on success
     attempts: int  # requests sent for this URL, redirect hops included; 0 for invalid_url
     transient: bool  # True when a later run should try again (timeouts, 5xx, 429, connection errors)
-    # SHA-256 of data, as 64 hexadecimal digits, once computed; the fetcher leaves it None so
-    # that no body is hashed on the event loop. Derived from data, so equality ignores it.
+    # SHA-256 of data as 64 hexadecimal digits, or None until computed. The fetcher leaves it
+    # None, so that no body is hashed on the event loop. Equality ignores it: data determines it.
     sha256: str | None = field(default=None, compare=False)
 
     @property
@@ -87,7 +87,7 @@ class FetchResult:
         return self.error is None and self.data is not None
 
     def with_sha256(self) -> FetchResult:
-        """Return this result with ``sha256`` set; unchanged when it is set or there is no body."""
+        """Return this result with ``sha256`` set, or unchanged when it is set or there is no body."""
         if self.data is None or self.sha256 is not None:
             return self
         return dataclasses.replace(self, sha256=hashlib.sha256(self.data).hexdigest())

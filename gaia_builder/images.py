@@ -588,14 +588,15 @@ def _pad_to_square(image: Image.Image, size: int) -> Image.Image:
 # Encoding
 
 
-# At zlib level 1, gaia's default, the PNG is written here rather than by Pillow, because
-# Pillow's encoder tries the five PNG row filters on every row to keep the best one and has no
-# option to fix one. On 768x512 outputs of the JPEGs of benchmarks/compare_img2dataset.py that
-# choice took 17 of its 29 ms per image (Pillow 13, zlib 1.2.13, one core). Filtering every row
-# with "Up" (one numpy subtraction) and compressing with zlib's run-length strategy took 11 ms,
-# for files 3 % larger (705 KiB against 683 KiB). Huffman-only compression was 2 ms faster but
-# cannot shorten runs, which flat map areas have. Other levels keep Pillow's adaptive filters,
-# whose search costs little next to slower compression.
+# At zlib level 1, gaia's default, the PNG is written here rather than by Pillow. Pillow's
+# encoder scores four of the five PNG row filters on every row (all five with optimize=True)
+# to keep the best, and has no option to fix one. On 768x512 outputs of the JPEGs of
+# benchmarks/compare_img2dataset.py, that search took about 17 of its 29 ms per image (Pillow 13
+# with zlib-ng, one core). Filtering every row with "Up" (one numpy subtraction) and compressing
+# with the zlib module's run-length strategy (zlib 1.2.13) took 11 ms, for files 3 % larger
+# (705 KiB against 683 KiB). Huffman-only compression was 2 ms faster, but it cannot shorten the
+# runs of flat map areas. Other levels keep Pillow's encoder, whose search costs little next to
+# slower compression.
 _FAST_PNG_LEVEL = 1
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = {"L": 0, "RGB": 2}  # 8 bits per sample

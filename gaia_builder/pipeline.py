@@ -187,10 +187,10 @@ class RowPipeline:
         self.stats.fetch = fetcher.stats
 
     def _hash_and_store(self, result: FetchResult) -> FetchResult:
-        """Return ``result`` with its body's SHA-256, after storing it in the cache if there is one.
+        """Hash the body of ``result``, store the result in the cache if there is one, and return it.
 
-        Runs in the I/O pool: hashlib releases the GIL on large buffers, so neither the event
-        loop nor the consumer waits for it.
+        The returned result has ``sha256`` set. This runs in the I/O pool, because hashlib
+        releases the GIL on large buffers, so neither the event loop nor the consumer waits.
         """
         result = result.with_sha256()
         if self.cache is None:
@@ -235,7 +235,7 @@ class RowPipeline:
 
 
 def _process(data: bytes, options: ImageOptions, source: str) -> ProcessedImage | RowError:
-    """Return the processed image or the row error; runs in the image pool."""
+    """Return the processed image or the row error. Runs in the image pool."""
     try:
         return process_image(data, options, source=source)
     except ImageError as error:
