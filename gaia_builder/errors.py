@@ -34,7 +34,8 @@ ERROR_CLASSES: dict[str, str] = {
     "decode_error": "the image is truncated or corrupt",
     "too_many_pixels": (
         "the pixels to decode (after JPEG DCT reduction) or of the resized image exceed max_pixels, "
-        "or Pillow's Image.MAX_IMAGE_PIXELS in GIF and TIFF"
+        "or Pillow's Image.MAX_IMAGE_PIXELS in GIF and TIFF, or the stored image would be too large "
+        "for Image.open (twice Image.MAX_IMAGE_PIXELS)"
     ),
 }
 

@@ -379,9 +379,38 @@ def _check_pixels(image: Image.Image, options: ImageOptions, source: str) -> Non
 
 def _check_output_pixels(size: tuple[int, int], options: ImageOptions, source: str) -> None:
     target, _ = _resize_target(*size, options)
-    if target is None:
-        return
+    if target is not None:
+        _check_resized_pixels(size, target, options, source)
 
+    # The stored image must open with Image.open, which datasets' Image feature calls, and which
+    # raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS (179 Mpx by default). An
+    # extreme aspect ratio scaled to 512 px on its shorter side can go past that.
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = _stored_size(size, target, options)
+    if limit is None or width * height <= 2 * limit:
+        return
+    message = (
+        f"the stored image would be {width}x{height} = {width * height:,} pixels, more than the "
+        f"{2 * limit:,} that Pillow opens (twice PIL.Image.MAX_IMAGE_PIXELS), so it could not be "
+        "decoded when read; use resize_mode center_crop or border, which bound the output to a "
+        "square, or the original config"
+    )
+    raise _error("too_many_pixels", message, source)
+
+
+def _stored_size(
+    size: tuple[int, int], target: tuple[int, int] | None, options: ImageOptions
+) -> tuple[int, int]:
+    if target is None:
+        return size
+    if options.resize_mode in ("center_crop", "border"):
+        return options.image_size, options.image_size
+    return target
+
+
+def _check_resized_pixels(
+    size: tuple[int, int], target: tuple[int, int], options: ImageOptions, source: str
+) -> None:
     # center_crop cuts the resized image down to the square, and border pads it up to the square.
     resized = target[0] * target[1]
     square = options.image_size**2 if options.resize_mode in ("center_crop", "border") else 0
@@ -590,50 +619,80 @@ def _pad_to_square(image: Image.Image, size: int) -> Image.Image:
 
 # At zlib level 1, gaia's default, the PNG is written here rather than by Pillow. Pillow's
 # encoder scores four of the five PNG row filters on every row (all five with optimize=True)
-# to keep the best, and has no option to fix one. On 768x512 outputs of the JPEGs of
-# benchmarks/compare_img2dataset.py, that search took about 17 of its 29 ms per image (Pillow 13
-# with zlib-ng, one core). Filtering every row with "Up" (one numpy subtraction) and compressing
-# with the zlib module's run-length strategy (zlib 1.2.13) took 11 ms, for files 3 % larger
-# (705 KiB against 683 KiB). Huffman-only compression was 2 ms faster, but it cannot shorten the
-# runs of flat map areas. Other levels keep Pillow's encoder, whose search costs little next to
-# slower compression.
+# to keep the best, one row at a time, and has no option to narrow the choice. gaia scores only
+# Sub and Up, with the same minimum-sum rule, on whole blocks of rows in numpy, and compresses
+# with the zlib module's run-length strategy. Measured on the 128 outputs of the corpus of
+# benchmarks/compare_img2dataset.py, one thread, zlib 1.2.13 for gaia and Pillow 13 with zlib-ng:
+# - gaia: 12.4 ms and 676 KiB per image;
+# - Pillow at level 1: 35.8 ms and 734 KiB; at level 9: 174 ms and 669 KiB.
+# Up alone was 1.5 ms faster, but a vertical colour gradient then took 288 KiB instead of 3 KiB.
+# Run-length matching misses patterns a few pixels long: a one-pixel checkerboard took 217 KiB
+# against Pillow's 6 KiB. zlib stores a block as is when compressing would enlarge it, so the
+# worst case stays within a fraction of a percent of the raw pixel size.
+# Other levels keep Pillow's encoder, whose search costs little next to slower compression.
 _FAST_PNG_LEVEL = 1
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = {"L": 0, "RGB": 2}  # 8 bits per sample
+_PNG_FILTER_SUB = 1
 _PNG_FILTER_UP = 2
-# Rows filtered and compressed at a time: bounds the filtered copy to a few MB for any width.
-_PNG_BLOCK_ROWS = 256
+# Pixel bytes filtered at a time. The writer's own memory is a few times this, whatever the size.
+_PNG_BLOCK_BYTES = 2 * 1024 * 1024
 
 
 def _save_png(image: Image.Image, buffer: io.BytesIO, level: int) -> None:
     if level == _FAST_PNG_LEVEL and image.mode in _PNG_COLOUR_TYPES:
-        _write_png_up_filtered(image, buffer, level)
+        _write_png_fast(image, buffer, level)
     else:
         image.save(buffer, "PNG", compress_level=level)
 
 
-def _write_png_up_filtered(image: Image.Image, buffer: io.BytesIO, level: int) -> None:
-    """Write ``image`` (mode L or RGB) as a PNG whose rows all use the Up filter."""
-    rows = np.asarray(image).reshape(image.height, -1)
+def _write_png_fast(image: Image.Image, buffer: io.BytesIO, level: int) -> None:
+    """Write ``image`` (mode L or RGB) as a PNG whose rows each use the Sub or the Up filter."""
+    channels = len(image.getbands())
+    row_bytes = image.width * channels
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, _PNG_COLOUR_TYPES[image.mode], 0, 0, 0)
     buffer.write(_PNG_SIGNATURE)
     _write_png_chunk(buffer, b"IHDR", header)
 
     compressor = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
-    previous = np.zeros(rows.shape[1], dtype=np.uint8)  # the Up filter treats the row above row 0 as zeros
-    for start in range(0, image.height, _PNG_BLOCK_ROWS):
-        block = rows[start : start + _PNG_BLOCK_ROWS]
-        filtered = np.empty((block.shape[0], block.shape[1] + 1), dtype=np.uint8)
-        filtered[:, 0] = _PNG_FILTER_UP
-        # uint8 subtraction wraps modulo 256, which is what the filter specifies.
-        np.subtract(block[0], previous, out=filtered[0, 1:])
-        np.subtract(block[1:], block[:-1], out=filtered[1:, 1:])
-        previous = block[-1]
-        compressed = compressor.compress(filtered.data)
+    previous = np.zeros(row_bytes, dtype=np.uint8)  # the Up filter treats the row above row 0 as zeros
+    rows_per_block = max(1, _PNG_BLOCK_BYTES // row_bytes)
+    for top in range(0, image.height, rows_per_block):
+        bottom = min(top + rows_per_block, image.height)
+        # crop copies only this block, so the whole image is never copied at once.
+        block = np.asarray(image.crop((0, top, image.width, bottom))).reshape(bottom - top, row_bytes)
+        compressed = compressor.compress(_filter_rows(block, previous, channels).data)
         if compressed:
             _write_png_chunk(buffer, b"IDAT", compressed)
+        previous = block[-1]
     _write_png_chunk(buffer, b"IDAT", compressor.flush())
     _write_png_chunk(buffer, b"IEND", b"")
+
+
+def _filter_rows(block: np.ndarray, previous: np.ndarray, channels: int) -> np.ndarray:
+    """Return ``block`` filtered for PNG: each row prefixed by its filter type, Sub or Up.
+
+    ``previous`` is the row above the block. Each row takes the filter with the smaller sum of
+    its bytes read as signed values, libpng's minimum-sum rule. uint8 subtraction wraps modulo
+    256, which is what the filters specify.
+    """
+    up = np.empty_like(block)
+    np.subtract(block[0], previous, out=up[0])
+    np.subtract(block[1:], block[:-1], out=up[1:])
+    sub = np.empty_like(block)
+    sub[:, :channels] = block[:, :channels]  # the first pixel has no left neighbour
+    np.subtract(block[:, channels:], block[:, :-channels], out=sub[:, channels:])
+
+    use_sub = _signed_sums(sub) < _signed_sums(up)
+    filtered = np.empty((block.shape[0], block.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = np.where(use_sub, _PNG_FILTER_SUB, _PNG_FILTER_UP)
+    filtered[:, 1:] = np.where(use_sub[:, None], sub, up)
+    return filtered
+
+
+def _signed_sums(rows: np.ndarray) -> np.ndarray:
+    # min(v, 256 - v) is |v| for the byte v read as a signed value. Negation wraps in uint8.
+    return np.minimum(rows, np.negative(rows)).sum(axis=1, dtype=np.uint64)
 
 
 def _write_png_chunk(buffer: io.BytesIO, kind: bytes, payload: bytes) -> None:

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, features
 
+from gaia_builder import images
 from gaia_builder.config import ImageOptions
 from gaia_builder.errors import ImageError, RowError
 from gaia_builder.images import ProcessedImage, process_image
@@ -552,6 +554,39 @@ def test_max_pixels_checked_before_decoding() -> None:
     assert row_error(bytes(data), max_pixels=2_000_000).error_class == "too_many_pixels"
 
 
+def test_output_pillow_cannot_open_rejected() -> None:
+    """A 1x900 strip scaled to 512 px wide is 512x460800, more than Image.open accepts by default."""
+    assert Image.MAX_IMAGE_PIXELS is not None
+    assert 2 * Image.MAX_IMAGE_PIXELS < 512 * 460_800  # under the default max_pixels, 250 million
+
+    error = row_error(encode(flat((1, 900)), "PNG"))
+
+    assert error.error_class == "too_many_pixels"
+    assert "512x460800 = 235,929,600 pixels" in error.detail
+    assert "MAX_IMAGE_PIXELS" in error.detail
+    assert "center_crop" in error.detail
+
+
+def test_output_square_modes_pass_extreme_ratio() -> None:
+    data = encode(flat((1, 900)), "PNG")
+
+    for resize_mode in ("center_crop", "border"):
+        result = process(data, resize_mode=resize_mode)
+        assert (result.width, result.height) == (512, 512)
+
+
+def test_output_limit_follows_pillow_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is read from Image.MAX_IMAGE_PIXELS at each call, unresized images included."""
+    data = encode(flat((600, 400)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+
+    assert row_error(data, resize_mode="no").error_class == "too_many_pixels"
+    assert row_error(data).error_class == "too_many_pixels"  # 768x512 after keep_ratio
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert process(data, resize_mode="no").width == 600
+
+
 def png_with_bad_header_checksum() -> bytes:
     data = bytearray(encode(flat((8, 8)), "PNG"))
     data[16] ^= 0xFF  # the first byte of the IHDR width, so the chunk's CRC no longer matches
@@ -624,16 +659,47 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
-@pytest.mark.parametrize(
-    ("mode", "size"),
-    [("RGB", (513, 700)), ("L", (700, 513)), ("RGB", (1, 1)), ("L", (3, 1)), ("RGB", (5, 257))],
-    ids=["rgb-several-blocks", "gray-several-blocks", "one-pixel", "one-row", "block-and-a-row"],
-)
-def test_fast_png_is_lossless_and_well_formed(mode: str, size: tuple[int, int]) -> None:
-    """At level 1 gaia writes the PNG itself: every row Up-filtered, the pixels unchanged."""
+def png_filter_types(data: bytes) -> list[int]:
+    """Return the filter type byte of every row of an 8-bit L or RGB PNG."""
+    chunks = png_chunks(data)
+    width, height, _, colour_type = struct.unpack(">IIBB", chunks[0][1][:10])
+    stride = width * (3 if colour_type == 2 else 1) + 1
+    raw = zlib.decompress(b"".join(payload for kind, payload in chunks if kind == b"IDAT"))
+    assert len(raw) == stride * height
+    return list(raw[::stride])
+
+
+def noise_over_stripes(mode: str, size: tuple[int, int]) -> Image.Image:
+    """Return random pixels in the top half and rows of one colour each below."""
+    width, height = size
     rng = np.random.default_rng(7)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    stripes = (np.arange(height)[:, None] * np.array([[3, 5, 7][:channels]])) % 256
+    pixels[height // 2 :] = stripes[height // 2 :, None, :]
+    return Image.fromarray(pixels if mode == "RGB" else pixels[:, :, 0], mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "block_bytes"),
+    [
+        ("RGB", (513, 700), None),
+        ("L", (700, 513), None),
+        ("RGB", (1, 1), None),
+        ("L", (3, 1), None),
+        ("RGB", (97, 300), 97 * 3 * 16),
+        ("L", (97, 257), 97 * 16 + 1),
+        ("RGB", (2000, 9), 100),
+    ],
+    ids=["rgb", "gray", "one-pixel", "one-row", "rgb-blocks", "gray-blocks", "rows-wider-than-block"],
+)
+def test_fast_png_is_lossless_and_well_formed(
+    mode: str, size: tuple[int, int], block_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At level 1 gaia writes the PNG itself, block by block, and the pixels come back unchanged."""
+    if block_bytes is not None:
+        monkeypatch.setattr(images, "_PNG_BLOCK_BYTES", block_bytes)
+    image = noise_over_stripes(mode, size)
 
     result = process(encode(image, "PNG"), resize_mode="no", encode_quality=1)
 
@@ -644,13 +710,47 @@ def test_fast_png_is_lossless_and_well_formed(mode: str, size: tuple[int, int]) 
     assert set(kinds[1:-1]) == {b"IDAT"}
     width, height, depth, colour_type = struct.unpack(">IIBB", chunks[0][1][:10])
     assert (width, height, depth, colour_type) == (*size, 8, 2 if mode == "RGB" else 0)
-    raw = zlib.decompress(b"".join(payload for kind, payload in chunks if kind == b"IDAT"))
-    stride = size[0] * (3 if mode == "RGB" else 1) + 1
-    assert len(raw) == stride * size[1]
-    assert set(raw[::stride]) == {2}  # filter type Up on every row
+    assert set(png_filter_types(result.data)) <= {1, 2}  # Sub or Up
     output = decode(result)
     assert output.mode == mode
     assert np.array_equal(np.asarray(output), np.asarray(image))
+
+
+def test_fast_png_one_colour_rows_use_sub() -> None:
+    """A row of one colour is all zeros after Sub but not after Up when the row above differs."""
+    image = noise_over_stripes("RGB", (300, 200))
+
+    filters = png_filter_types(process(encode(image, "PNG"), resize_mode="no").data)
+
+    assert filters[100:] == [1] * 100
+
+
+def test_fast_png_repeated_rows_use_up() -> None:
+    """A row equal to the one above is all zeros after Up."""
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(np.repeat(rng.integers(0, 256, (1, 300, 3), dtype=np.uint8), 200, axis=0))
+
+    filters = png_filter_types(process(encode(image, "PNG"), resize_mode="no").data)
+
+    assert filters[1:] == [2] * 199
+
+
+def test_fast_png_memory_is_bounded_by_its_block() -> None:
+    """Encoding a 36 MB image allocates a few blocks, not a copy of the image."""
+    rows = (np.arange(3000)[:, None] * np.array([[3, 5, 7]]) % 256).astype(np.uint8)
+    data = encode(Image.fromarray(np.repeat(rows[:, None, :], 4000, axis=1)), "PNG", compress_level=1)
+
+    tracemalloc.start()
+    try:
+        result = process(data, resize_mode="no", encode_quality=1, max_pixels=4000 * 3000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (result.width, result.height) == (4000, 3000)
+    raw_bytes = 4000 * 3000 * 3
+    assert len(result.data) < raw_bytes // 10
+    assert peak < 8 * images._PNG_BLOCK_BYTES < raw_bytes
 
 
 def test_fast_png_matches_pillow_pixels_after_resizing() -> None:
