@@ -26,7 +26,7 @@ from . import __version__
 from .builder import STATS_DIR_ENV, Gaia
 from .config import SPLIT_NAMES, GaiaConfig
 from .errors import GaiaError, RowError
-from .fetch import FetchStats
+from .fetch import FetchStats, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +461,9 @@ def _write_failures(splits: dict[str, datasets.Dataset], path: Path) -> int:
             for row in columns:
                 if row["error"] is None:
                     continue
-                record = {"split": split, "id": row["id"], "url": row["image_src"], "error": row["error"]}
+                url = row["image_src"]
+                shown_url = redact_url(url) if isinstance(url, str) else url
+                record = {"split": split, "id": row["id"], "url": shown_url, "error": row["error"]}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
     if count:

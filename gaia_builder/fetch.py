@@ -26,6 +26,7 @@ import email.utils
 import hashlib
 import logging
 import random
+import re
 import socket
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ DECODED_CONTENT_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 # can be reused. A larger body is discarded together with its connection.
 MAX_DRAINED_BODY = 64 * 1024
 
+# The user name and password of a URL inside a message: what follows "scheme://" up to "@",
+# before any path, query or fragment.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]*@")
+
 # Stats key of rows whose image_src has no usable host.
 INVALID_URL_KEY = "(invalid url)"
 
@@ -78,7 +83,7 @@ class FetchResult:
     attempts: int  # requests sent for this URL, redirect hops included; 0 for invalid_url
     transient: bool  # True when a later run should try again (timeouts, 5xx, 429, connection errors)
     # SHA-256 of data as 64 hexadecimal digits, or None until computed. The fetcher leaves it
-    # None, so that no body is hashed on the event loop. Equality ignores it: data determines it.
+    # None, so that no body is hashed on the event loop. Equality ignores it, because data determines it.
     sha256: str | None = field(default=None, compare=False)
 
     @property
@@ -547,7 +552,9 @@ class Fetcher:
             )
             wait = max(wait, outcome.retry_after or 0.0)
             if row.deadline is not None and self._clock.time() + wait > row.deadline:
-                logger.debug("Not retrying %s: a wait of %.2f s would pass the row deadline", row.url, wait)
+                logger.debug(
+                    "Not retrying %s: a wait of %.2f s would pass the row deadline", redact_url(row.url), wait
+                )
                 return outcome
 
             row.retries = retry
@@ -562,7 +569,12 @@ class Fetcher:
         reason = outcome.error.error_class
         stats.retry_reasons[reason] = stats.retry_reasons.get(reason, 0) + 1
         logger.warning(
-            "Retrying %s [%d/%d] in %.2f s: %s", row.url, retry, self.options.max_retries, wait, outcome.error
+            "Retrying %s [%d/%d] in %.2f s: %s",
+            redact_url(row.url),
+            retry,
+            self.options.max_retries,
+            wait,
+            redact_url(str(outcome.error)),
         )
 
     def _rate_limited(self, outcome: _Outcome) -> _Outcome:
@@ -758,37 +770,50 @@ class Fetcher:
 
     def _finish(self, row: _RowState, outcome: _Outcome) -> FetchResult:
         stats = self._stats.host(row.host)
-        if outcome.error is None:
+        shown_url = redact_url(row.url)
+        error = outcome.error
+        if error is None:
             stats.succeeded += 1
             logger.debug(
-                "Fetched %s: %d bytes in %d requests", row.url, len(outcome.data or b""), row.attempts
+                "Fetched %s: %d bytes in %d requests", shown_url, len(outcome.data or b""), row.attempts
             )
         else:
-            name = outcome.error.error_class
-            stats.errors[name] = stats.errors.get(name, 0) + 1
+            error = RowError(error.error_class, redact_url(error.detail))
+            stats.errors[error.error_class] = stats.errors.get(error.error_class, 0) + 1
             level = logging.WARNING if row.retries else logging.INFO
-            logger.log(level, "Giving up on %s after %d requests: %s", row.url, row.attempts, outcome.error)
+            logger.log(level, "Giving up on %s after %d requests: %s", shown_url, row.attempts, error)
 
         return FetchResult(
             url=row.url,
-            data=outcome.data if outcome.error is None else None,
-            final_url=row.final_url,
+            data=outcome.data if error is None else None,
+            final_url=redact_url(row.final_url) if row.final_url is not None else None,
             content_type=row.content_type,
-            error=outcome.error,
+            error=error,
             attempts=row.attempts,
-            transient=outcome.error is not None and outcome.transient,
+            transient=error is not None and outcome.transient,
         )
 
     def _fail_invalid(self, url: str, error: RowError) -> FetchResult:
+        error = RowError(error.error_class, redact_url(error.detail))
         stats = self._stats.host(INVALID_URL_KEY)
         stats.errors[error.error_class] = stats.errors.get(error.error_class, 0) + 1
-        logger.info("Skipping %r: %s", url, error)
+        logger.info("Skipping %r: %s", redact_url(url), error)
         return FetchResult(url, None, None, None, error, attempts=0, transient=False)
 
     def _require_limits(self) -> HostLimits:
         if self._limits is None:
             raise RuntimeError("the Fetcher is not open; use it as `async with Fetcher(options) as fetcher:`")
         return self._limits
+
+
+def redact_url(text: str) -> str:
+    """Replace the user name and password of every URL in ``text`` with ``***``.
+
+    Requests still send them (aiohttp turns them into Basic authentication), but error details,
+    ``final_url`` and log lines, which users share, do not show them. The ``image_src`` column
+    keeps the URL as the metadata gives it.
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def _describe_request(row: _RowState, url: yarl.URL) -> str:
@@ -885,6 +910,7 @@ __all__ = [
     "describe_non_image",
     "find_disallowed_directive",
     "parse_retry_after",
+    "redact_url",
     "sniff_image_format",
     "user_agent_token",
 ]

@@ -59,6 +59,21 @@ def test_prepare_prints_summary(httpserver: HTTPServer, tmp_path: Path) -> None:
     assert failures[0]["error"].startswith("http_404: ")
 
 
+def test_prepare_hides_url_credentials(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """Neither the failures file nor the summary shows the password of an image URL."""
+    httpserver.expect_request("/gone.png").respond_with_data("gone", status=404)
+    url = httpserver.url_for("/gone.png").replace("http://", "http://reader:s3cret@")
+    metadata = write_metadata(tmp_path / "val.json", [record(0, url)], "records")
+
+    result = CliRunner().invoke(main, prepare_args(tmp_path, metadata))
+
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    failure = json.loads((tmp_path / "failures.jsonl").read_text())
+    assert failure["url"] == url.replace("reader:s3cret@", "***@")
+    assert "s3cret" not in failure["error"]
+
+
 def test_prepare_again_uses_cache(httpserver: HTTPServer, tmp_path: Path) -> None:
     httpserver.expect_request("/ok.png").respond_with_data(image_bytes((600, 400)), content_type="image/png")
     metadata = write_metadata(tmp_path / "val.json", [record(0, httpserver.url_for("/ok.png"))], "records")

@@ -43,6 +43,7 @@ from gaia_builder.fetch import (
     describe_non_image,
     find_disallowed_directive,
     parse_retry_after,
+    redact_url,
     sniff_image_format,
     user_agent_token,
 )
@@ -982,3 +983,57 @@ def test_fetch_stats_summary() -> None:
     assert lines[0].split()[:3] == ["host", "requests", "429s"]
     assert lines[1].split()[:6] == ["a:443", "7", "2", "0", "5", "1"]
     assert lines[1].endswith("timeout 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URLs
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("GET http://user:s3cret@127.0.0.1:80/a.jpg failed", "GET http://***@127.0.0.1:80/a.jpg failed"),
+        ("'https://TOKEN@example.test/x'", "'https://***@example.test/x'"),
+        ("http://127.0.0.1/a@b.jpg", "http://127.0.0.1/a@b.jpg"),
+        ("http://127.0.0.1/p?q=u:p@x", "http://127.0.0.1/p?q=u:p@x"),
+        ("a http://u:p@h/ and b https://v:q@k/", "a http://***@h/ and b https://***@k/"),
+        ("mailto:user@example.test", "mailto:user@example.test"),
+    ],
+    ids=["password", "token-as-user", "at-in-path", "at-in-query", "two-urls", "no-authority"],
+)
+def test_redact_url(text: str, expected: str) -> None:
+    assert redact_url(text) == expected
+
+
+@asyncio_test
+async def test_credentials_sent_but_never_shown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """User and password in image_src go out as Basic auth but appear in no message or final_url."""
+    authorizations: list[str] = []
+
+    async def protected(request: web.Request) -> web.Response:
+        authorizations.append(request.headers.get("Authorization", ""))
+        return web.Response(body=JPEG, content_type="image/jpeg")
+
+    caplog.set_level(logging.DEBUG, logger="gaia_builder")
+    async with LoopbackServer() as server:
+        server.add("/private.jpg", protected)
+        server.add("/missing.jpg", respond(HTML, "text/html", status=404))
+        server.add("/busy.jpg", respond(HTML, "text/html", status=503))
+        base = f"http://reader:s3cret@127.0.0.1:{server.port}"
+        async with Fetcher(make_options(tmp_path, backoff_initial=0.01, backoff_max=0.01)) as fetcher:
+            fetched = await fetcher.fetch(f"{base}/private.jpg")
+            missing = await fetcher.fetch(f"{base}/missing.jpg")
+            busy = await fetcher.fetch(f"{base}/busy.jpg")
+            invalid = await fetcher.fetch("ftp://reader:s3cret@127.0.0.1/x.jpg")
+
+    assert fetched.ok
+    assert authorizations == ["Basic cmVhZGVyOnMzY3JldA=="]  # base64 of reader:s3cret
+    assert fetched.final_url == f"http://***@127.0.0.1:{server.port}/private.jpg"
+    for result in (missing, busy, invalid):
+        assert result.error is not None
+        assert "s3cret" not in result.error.detail
+        assert "***@127.0.0.1" in result.error.detail
+    assert busy.attempts == 2  # so the retry warning was logged too
+    assert "s3cret" not in caplog.text
+    assert "reader:***" not in caplog.text
+    assert "Giving up on" in caplog.text
