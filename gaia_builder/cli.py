@@ -462,7 +462,7 @@ def _write_failures(splits: dict[str, datasets.Dataset], path: Path) -> int:
                 if row["error"] is None:
                     continue
                 url = row["image_src"]
-                shown_url = redact_url(url) if isinstance(url, str) else url
+                shown_url = redact_url(url, url) if isinstance(url, str) else url
                 record = {"split": split, "id": row["id"], "url": shown_url, "error": row["error"]}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import yarl
+
 # The stable list of row error classes. Renaming or removing one is a breaking change: users
 # filter on these strings. Classes of the form ``http_<status>`` (for example ``http_404``) are
 # matched by HTTP_STATUS_CLASS instead of being listed one by one.
@@ -100,3 +102,38 @@ class ImageError(GaiaError):
 
 class ExportError(GaiaError, ValueError):
     """An export cannot run as requested, for example because the output folder is not empty."""
+
+
+# The user information of a URL inside a message: what follows "scheme://" up to the last "@"
+# before the end of the authority, which is the first "/", "?", "#" or whitespace.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(text: str, url: str | None = None) -> str:
+    """Replace the user name and password of every URL in ``text`` with ``***``.
+
+    Requests still send them (aiohttp turns them into Basic authentication), but error details,
+    ``final_url``, log lines and the failures file, which users share, do not show them. The
+    ``image_src`` column keeps the URL as the metadata gives it. When ``url`` is given, its user
+    information is also replaced wherever it follows "://" verbatim, as written or as yarl quotes
+    it, which catches what the pattern stops at, such as a raw space.
+    """
+    if url is not None:
+        for userinfo in _userinfo_forms(url):
+            text = text.replace(f"://{userinfo}@", "://***@")
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _userinfo_forms(url: str) -> set[str]:
+    _, separator, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    forms = {userinfo} if separator and at and userinfo else set()
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError):
+        return forms
+    if parsed.raw_user is not None:
+        password = f":{parsed.raw_password}" if parsed.raw_password is not None else ""
+        forms.add(parsed.raw_user + password)
+    return forms

@@ -26,7 +26,6 @@ import email.utils
 import hashlib
 import logging
 import random
-import re
 import socket
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import yarl
 from aiohttp import hdrs
 
 from .config import FetchOptions
-from .errors import RowError
+from .errors import RowError, redact_url
 from .limits import Clock, HostLimits, LimitWaitTimeout, SystemClock, default_state_dir, host_key
 
 logger = logging.getLogger(__name__)
@@ -57,10 +56,6 @@ DECODED_CONTENT_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 # Error and redirect bodies up to this many bytes are read and discarded, so that the connection
 # can be reused. A larger body is discarded together with its connection.
 MAX_DRAINED_BODY = 64 * 1024
-
-# The user name and password of a URL inside a message: what follows "scheme://" up to "@",
-# before any path, query or fragment.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]*@")
 
 # Stats key of rows whose image_src has no usable host.
 INVALID_URL_KEY = "(invalid url)"
@@ -552,9 +547,8 @@ class Fetcher:
             )
             wait = max(wait, outcome.retry_after or 0.0)
             if row.deadline is not None and self._clock.time() + wait > row.deadline:
-                logger.debug(
-                    "Not retrying %s: a wait of %.2f s would pass the row deadline", redact_url(row.url), wait
-                )
+                shown_url = redact_url(row.url, row.url)
+                logger.debug("Not retrying %s: a wait of %.2f s would pass the row deadline", shown_url, wait)
                 return outcome
 
             row.retries = retry
@@ -570,11 +564,11 @@ class Fetcher:
         stats.retry_reasons[reason] = stats.retry_reasons.get(reason, 0) + 1
         logger.warning(
             "Retrying %s [%d/%d] in %.2f s: %s",
-            redact_url(row.url),
+            redact_url(row.url, row.url),
             retry,
             self.options.max_retries,
             wait,
-            redact_url(str(outcome.error)),
+            redact_url(str(outcome.error), row.url),
         )
 
     def _rate_limited(self, outcome: _Outcome) -> _Outcome:
@@ -666,6 +660,14 @@ class Fetcher:
             return self._timeout_outcome(url, key, exc, remaining)
         except (aiohttp.ClientError, OSError) as exc:
             return _classify_client_error(url, key, exc)
+        except UnicodeEncodeError as exc:
+            # aiohttp 3.14 encodes the URL's user name and password for Basic authentication in
+            # Latin-1, and percent-encoding them in the URL does not help: yarl decodes them first.
+            detail = (
+                f"GET {url} was not sent: aiohttp could not encode the request ({exc}). A user name "
+                "or password with characters outside Latin-1 is the usual cause; remove it from the URL"
+            )
+            return _Outcome(host=key, error=RowError("invalid_url", detail))
 
     async def _read_response(
         self, row: _RowState, url: yarl.URL, key: str, response: aiohttp.ClientResponse
@@ -770,7 +772,7 @@ class Fetcher:
 
     def _finish(self, row: _RowState, outcome: _Outcome) -> FetchResult:
         stats = self._stats.host(row.host)
-        shown_url = redact_url(row.url)
+        shown_url = redact_url(row.url, row.url)
         error = outcome.error
         if error is None:
             stats.succeeded += 1
@@ -778,7 +780,7 @@ class Fetcher:
                 "Fetched %s: %d bytes in %d requests", shown_url, len(outcome.data or b""), row.attempts
             )
         else:
-            error = RowError(error.error_class, redact_url(error.detail))
+            error = RowError(error.error_class, redact_url(error.detail, row.url))
             stats.errors[error.error_class] = stats.errors.get(error.error_class, 0) + 1
             level = logging.WARNING if row.retries else logging.INFO
             logger.log(level, "Giving up on %s after %d requests: %s", shown_url, row.attempts, error)
@@ -786,7 +788,7 @@ class Fetcher:
         return FetchResult(
             url=row.url,
             data=outcome.data if error is None else None,
-            final_url=redact_url(row.final_url) if row.final_url is not None else None,
+            final_url=redact_url(row.final_url, row.url) if row.final_url is not None else None,
             content_type=row.content_type,
             error=error,
             attempts=row.attempts,
@@ -794,26 +796,16 @@ class Fetcher:
         )
 
     def _fail_invalid(self, url: str, error: RowError) -> FetchResult:
-        error = RowError(error.error_class, redact_url(error.detail))
+        error = RowError(error.error_class, redact_url(error.detail, url))
         stats = self._stats.host(INVALID_URL_KEY)
         stats.errors[error.error_class] = stats.errors.get(error.error_class, 0) + 1
-        logger.info("Skipping %r: %s", redact_url(url), error)
+        logger.info("Skipping %r: %s", redact_url(url, url), error)
         return FetchResult(url, None, None, None, error, attempts=0, transient=False)
 
     def _require_limits(self) -> HostLimits:
         if self._limits is None:
             raise RuntimeError("the Fetcher is not open; use it as `async with Fetcher(options) as fetcher:`")
         return self._limits
-
-
-def redact_url(text: str) -> str:
-    """Replace the user name and password of every URL in ``text`` with ``***``.
-
-    Requests still send them (aiohttp turns them into Basic authentication), but error details,
-    ``final_url`` and log lines, which users share, do not show them. The ``image_src`` column
-    keeps the URL as the metadata gives it.
-    """
-    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def _describe_request(row: _RowState, url: yarl.URL) -> str:

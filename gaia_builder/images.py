@@ -389,11 +389,16 @@ def _check_output_pixels(size: tuple[int, int], options: ImageOptions, source: s
     width, height = _stored_size(size, target, options)
     if limit is None or width * height <= 2 * limit:
         return
+    if target is None:
+        fixes = ["a resize_mode that shrinks it, such as keep_ratio"]
+    else:
+        fixes = ["resize_mode center_crop or border, which bound the output to a square"]
+    if size[0] * size[1] <= 2 * limit:
+        fixes.append("the original config, which stores the source as published")
     message = (
         f"the stored image would be {width}x{height} = {width * height:,} pixels, more than the "
         f"{2 * limit:,} that Pillow opens (twice PIL.Image.MAX_IMAGE_PIXELS), so it could not be "
-        "decoded when read; use resize_mode center_crop or border, which bound the output to a "
-        "square, or the original config"
+        f"decoded when read; use {', or '.join(fixes)}"
     )
     raise _error("too_many_pixels", message, source)
 

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import aiohttp.abc
 import pytest
+import yarl
 from aiohttp import web
 from PIL import Image
 from raw_server import raw_server
@@ -998,11 +999,39 @@ def test_fetch_stats_summary() -> None:
         ("http://127.0.0.1/p?q=u:p@x", "http://127.0.0.1/p?q=u:p@x"),
         ("a http://u:p@h/ and b https://v:q@k/", "a http://***@h/ and b https://***@k/"),
         ("mailto:user@example.test", "mailto:user@example.test"),
+        ("GET http://u:it's@h/x", "GET http://***@h/x"),
+        ("'http://u:p@SECRET@h/x' is", "'http://***@h/x' is"),
+        ("_http://u:p@h/", "_http://***@h/"),
     ],
-    ids=["password", "token-as-user", "at-in-path", "at-in-query", "two-urls", "no-authority"],
+    ids=[
+        "password",
+        "token-as-user",
+        "at-in-path",
+        "at-in-query",
+        "two-urls",
+        "no-authority",
+        "quote-in-password",
+        "raw-at-in-password",
+        "word-before-scheme",
+    ],
 )
 def test_redact_url(text: str, expected: str) -> None:
     assert redact_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://u:two words@127.0.0.1/x", "http://u:p\tq@127.0.0.1/x", "http://u:p%C3%A4@127.0.0.1/x"],
+    ids=["space", "tab", "percent-encoded"],
+)
+def test_redact_url_of_known_url(url: str) -> None:
+    """Given the URL, its user information is hidden even where whitespace stops the pattern."""
+    text = f"GET {yarl.URL(url)} (redirected from {url}) failed"
+
+    redacted = redact_url(text, url)
+
+    assert "u:" not in redacted
+    assert redacted.count("://***@127.0.0.1") == 2
 
 
 @asyncio_test
@@ -1025,6 +1054,9 @@ async def test_credentials_sent_but_never_shown(tmp_path: Path, caplog: pytest.L
             missing = await fetcher.fetch(f"{base}/missing.jpg")
             busy = await fetcher.fetch(f"{base}/busy.jpg")
             invalid = await fetcher.fetch("ftp://reader:s3cret@127.0.0.1/x.jpg")
+            not_latin1 = await fetcher.fetch(
+                f"http://reader:s3cret\u20ac@127.0.0.1:{server.port}/private.jpg"
+            )
 
     assert fetched.ok
     assert authorizations == ["Basic cmVhZGVyOnMzY3JldA=="]  # base64 of reader:s3cret
@@ -1034,6 +1066,10 @@ async def test_credentials_sent_but_never_shown(tmp_path: Path, caplog: pytest.L
         assert "s3cret" not in result.error.detail
         assert "***@127.0.0.1" in result.error.detail
     assert busy.attempts == 2  # so the retry warning was logged too
+    assert not_latin1.error is not None
+    assert not_latin1.error.error_class == "invalid_url"
+    assert "Latin-1" in not_latin1.error.detail
+    assert "s3cret" not in not_latin1.error.detail
     assert "s3cret" not in caplog.text
     assert "reader:***" not in caplog.text
     assert "Giving up on" in caplog.text

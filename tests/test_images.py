@@ -565,6 +565,7 @@ def test_output_pillow_cannot_open_rejected() -> None:
     assert "512x460800 = 235,929,600 pixels" in error.detail
     assert "MAX_IMAGE_PIXELS" in error.detail
     assert "center_crop" in error.detail
+    assert "original config" in error.detail  # the 1x900 source itself opens
 
 
 def test_output_square_modes_pass_extreme_ratio() -> None:
@@ -580,7 +581,10 @@ def test_output_limit_follows_pillow_setting(monkeypatch: pytest.MonkeyPatch) ->
     data = encode(flat((600, 400)), "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
 
-    assert row_error(data, resize_mode="no").error_class == "too_many_pixels"
+    unresized = row_error(data, resize_mode="no")
+    assert unresized.error_class == "too_many_pixels"
+    assert "such as keep_ratio" in unresized.detail
+    assert "original config" not in unresized.detail  # the source itself is over the limit
     assert row_error(data).error_class == "too_many_pixels"  # 768x512 after keep_ratio
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)

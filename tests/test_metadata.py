@@ -828,3 +828,16 @@ def test_download_metadata_subprocess_hf_endpoint(hub: HubStub, tmp_path: Path) 
     assert completed.returncode == 0, completed.stderr
     assert Path(completed.stdout.strip()).read_bytes() == hub_files()["test_data.json"]
     assert len(hub.requests_for("test_data.json", "GET")) == 1
+
+
+def test_invalid_url_hides_credentials() -> None:
+    """The invalid_url detail shows *** in place of a user name and password; image_src keeps them."""
+    url = "ftp://reader:s3cret@127.0.0.1/x.jpg"
+
+    row = row_for(gaia_record(0) | {"image_src": url})
+
+    assert row.error is not None
+    assert row.error.error_class == "invalid_url"
+    assert "s3cret" not in row.error.detail
+    assert "ftp://***@127.0.0.1/x.jpg" in row.error.detail
+    assert row.values["image_src"] == url
