@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import datasets.config
 
 from . import __version__
-from .errors import OPTION_DEPENDENT_ERRORS, RowError, is_error_class, redact_url
+from .errors import OPTION_DEPENDENT_ERRORS, RowError, is_error_class, redact_credentials
 from .fetch import FetchResult
 
 logger = logging.getLogger(__name__)
@@ -132,13 +132,13 @@ class FetchCache:
         except FileNotFoundError:
             return None
         except OtherFormatError as error:
-            logger.debug("ignoring fetch cache entry %s of %s: %s", path, redact_url(url, url), error)
+            logger.debug("ignoring fetch cache entry %s of %s: %s", path, redact_credentials(url), error)
             return None
         except DamagedEntryError as error:
             logger.warning(
                 "ignoring damaged fetch cache entry %s of %s: %s; the URL will be fetched again",
                 path,
-                redact_url(url, url),
+                redact_credentials(url),
                 error,
             )
             return None
@@ -146,7 +146,7 @@ class FetchCache:
             logger.warning(
                 "failed to read fetch cache entry %s of %s: %s; the URL will be fetched again",
                 path,
-                redact_url(url, url),
+                redact_credentials(url),
                 error,
             )
             return None
@@ -179,14 +179,14 @@ class FetchCache:
         """
         if result.transient:
             logger.debug(
-                "not caching transient failure of %s: %s", redact_url(result.url, result.url), result.error
+                "not caching transient failure of %s: %s", redact_credentials(result.url), result.error
             )
             return
         if result.error is not None and result.error.error_class in OPTION_DEPENDENT_ERRORS:
             # A rerun with the option raised, as the error advises, must fetch the URL again.
             logger.debug(
                 "not caching option-dependent failure of %s: %s",
-                redact_url(result.url, result.url),
+                redact_credentials(result.url),
                 result.error,
             )
             return
@@ -194,7 +194,7 @@ class FetchCache:
             # This is a bug in the fetcher, but one lost cache entry must not end a build of hours.
             logger.warning(
                 "not caching the fetch result of %s: it has neither data nor an error",
-                redact_url(result.url, result.url),
+                redact_credentials(result.url),
             )
             return
 
@@ -202,7 +202,7 @@ class FetchCache:
         if len(header_line) > MAX_HEADER_BYTES:
             logger.warning(
                 "not caching the fetch result of %s: its header has %d bytes, more than the %d allowed",
-                redact_url(result.url, result.url),
+                redact_credentials(result.url),
                 len(header_line),
                 MAX_HEADER_BYTES,
             )
@@ -216,7 +216,7 @@ class FetchCache:
         except OSError as error:
             raise OSError(
                 error.errno,
-                f"failed to write the fetch cache entry of {redact_url(result.url, result.url)!r}: "
+                f"failed to write the fetch cache entry of {redact_credentials(result.url)!r}: "
                 f"{error.strerror or error}. "
                 f"Free disk space or fix the permissions of {self.root}, "
                 "or turn the cache off with use_fetch_cache=False",

@@ -25,8 +25,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .builder import STATS_DIR_ENV, Gaia
 from .config import SPLIT_NAMES, GaiaConfig
-from .errors import GaiaError, RowError
-from .fetch import FetchStats, redact_url
+from .errors import GaiaError, RowError, redact_credentials
+from .fetch import FetchStats
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def _write_failures(splits: dict[str, datasets.Dataset], path: Path) -> int:
                 if row["error"] is None:
                     continue
                 url = row["image_src"]
-                shown_url = redact_url(url, url) if isinstance(url, str) else url
+                shown_url = redact_credentials(url) if isinstance(url, str) else url
                 record = {"split": split, "id": row["id"], "url": shown_url, "error": row["error"]}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1

@@ -124,6 +124,11 @@ def redact_url(text: str, url: str | None = None) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
+def redact_credentials(url: str) -> str:
+    """Return ``url`` with its user name and password replaced by ``***``."""
+    return redact_url(url, url)
+
+
 def _userinfo_forms(url: str) -> set[str]:
     _, separator, rest = url.partition("://")
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]

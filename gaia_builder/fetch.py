@@ -40,7 +40,7 @@ import yarl
 from aiohttp import hdrs
 
 from .config import FetchOptions
-from .errors import RowError, redact_url
+from .errors import RowError, redact_credentials, redact_url
 from .limits import Clock, HostLimits, LimitWaitTimeout, SystemClock, default_state_dir, host_key
 
 logger = logging.getLogger(__name__)
@@ -547,7 +547,7 @@ class Fetcher:
             )
             wait = max(wait, outcome.retry_after or 0.0)
             if row.deadline is not None and self._clock.time() + wait > row.deadline:
-                shown_url = redact_url(row.url, row.url)
+                shown_url = redact_credentials(row.url)
                 logger.debug("Not retrying %s: a wait of %.2f s would pass the row deadline", shown_url, wait)
                 return outcome
 
@@ -564,7 +564,7 @@ class Fetcher:
         stats.retry_reasons[reason] = stats.retry_reasons.get(reason, 0) + 1
         logger.warning(
             "Retrying %s [%d/%d] in %.2f s: %s",
-            redact_url(row.url, row.url),
+            redact_credentials(row.url),
             retry,
             self.options.max_retries,
             wait,
@@ -772,7 +772,7 @@ class Fetcher:
 
     def _finish(self, row: _RowState, outcome: _Outcome) -> FetchResult:
         stats = self._stats.host(row.host)
-        shown_url = redact_url(row.url, row.url)
+        shown_url = redact_credentials(row.url)
         error = outcome.error
         if error is None:
             stats.succeeded += 1
@@ -799,7 +799,7 @@ class Fetcher:
         error = RowError(error.error_class, redact_url(error.detail, url))
         stats = self._stats.host(INVALID_URL_KEY)
         stats.errors[error.error_class] = stats.errors.get(error.error_class, 0) + 1
-        logger.info("Skipping %r: %s", redact_url(url, url), error)
+        logger.info("Skipping %r: %s", redact_credentials(url), error)
         return FetchResult(url, None, None, None, error, attempts=0, transient=False)
 
     def _require_limits(self) -> HostLimits:
@@ -902,7 +902,6 @@ __all__ = [
     "describe_non_image",
     "find_disallowed_directive",
     "parse_retry_after",
-    "redact_url",
     "sniff_image_format",
     "user_agent_token",
 ]

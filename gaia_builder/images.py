@@ -59,6 +59,9 @@ DRAFT_MARGIN = 2
 
 WHITE = (255, 255, 255)
 
+# Resize modes whose output is an image_size square: center_crop cuts it, border pads to it.
+_SQUARE_MODES = ("center_crop", "border")
+
 # Pillow filters closest to OpenCV's INTER_AREA (img2dataset's filter for shrinking), by shrink
 # factor (source pixels per output pixel), as (upper limit, filter). Pillow's BOX weights whole
 # pixels by whether their centre is covered, not by covered area as INTER_AREA does, so BOX
@@ -408,7 +411,7 @@ def _stored_size(
 ) -> tuple[int, int]:
     if target is None:
         return size
-    if options.resize_mode in ("center_crop", "border"):
+    if options.resize_mode in _SQUARE_MODES:
         return options.image_size, options.image_size
     return target
 
@@ -418,7 +421,7 @@ def _check_resized_pixels(
 ) -> None:
     # center_crop cuts the resized image down to the square, and border pads it up to the square.
     resized = target[0] * target[1]
-    square = options.image_size**2 if options.resize_mode in ("center_crop", "border") else 0
+    square = options.image_size**2 if options.resize_mode in _SQUARE_MODES else 0
     if max(resized, square) <= options.max_pixels:
         return
 

@@ -48,7 +48,7 @@ from huggingface_hub.utils import (
 from yarl import URL
 
 from . import __version__
-from .errors import MetadataError, MetadataSourceError, RowError, redact_url
+from .errors import MetadataError, MetadataSourceError, RowError, redact_credentials
 from .features import FLOAT_FIELDS, LIST_FIELDS, METADATA_FIELDS, STRING_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -430,7 +430,7 @@ def _row_error(
 
 def _url_problem(url: str) -> str | None:
     """Describe why ``url`` cannot be fetched, or return None when it is an absolute http(s) URL."""
-    quoted = _value_repr.repr(redact_url(url, url))
+    quoted = _value_repr.repr(redact_credentials(url))
     if url != url.strip():
         return f"{quoted} starts or ends with whitespace"
     try:

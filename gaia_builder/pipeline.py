@@ -23,8 +23,8 @@ import aiohttp.abc
 
 from .cache import FetchCache
 from .config import FetchOptions, ImageOptions
-from .errors import ImageError, RowError
-from .fetch import Fetcher, FetchResult, FetchStats, redact_url
+from .errors import ImageError, RowError, redact_credentials
+from .fetch import Fetcher, FetchResult, FetchStats
 from .images import ProcessedImage, process_image
 from .metadata import MetadataRow
 
@@ -227,7 +227,7 @@ class RowPipeline:
 
         if result.error is not None or result.data is None:
             return RowOutcome(row, fetch=result, error=result.error, from_cache=from_cache)
-        source = result.final_url or redact_url(url, url)
+        source = result.final_url or redact_credentials(url)
         image = await loop.run_in_executor(cpu_pool, _process, result.data, self.image_options, source)
         if isinstance(image, RowError):
             return RowOutcome(row, fetch=result, error=image, from_cache=from_cache, sha256=result.sha256)

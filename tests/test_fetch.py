@@ -35,6 +35,7 @@ from PIL import Image
 from raw_server import raw_server
 
 from gaia_builder.config import FetchOptions
+from gaia_builder.errors import redact_url
 from gaia_builder.fetch import (
     Fetcher,
     FetchResult,
@@ -44,7 +45,6 @@ from gaia_builder.fetch import (
     describe_non_image,
     find_disallowed_directive,
     parse_retry_after,
-    redact_url,
     sniff_image_format,
     user_agent_token,
 )
